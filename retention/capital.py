@@ -1,0 +1,391 @@
+"""The arithmetic of tolerance capital (DESIGN.md section 4), pure: no I/O, no clock.
+
+Capital at time ``t`` is computed lazily from a small settled state::
+
+    capital(t) = clamp(B + Lic(t) - T(t) - S(t), min, max)
+
+``B`` is the settled balance, ``T`` the fading penalties still remembered, ``S``
+the silence drain since the last contact, ``Lic`` the points licence earned since
+the last incident. Between events and licence steps, ``capital(t)`` before
+clamping is concave in time, so a level is crossed downward at most once there;
+:func:`level_transitions` finds those crossings exactly, on the millisecond grid
+(the first millisecond at which capital is below the level), by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
+
+import attrs
+
+from .times import DAY
+
+if TYPE_CHECKING:
+    from .rules.model import RuleSet
+
+#: A remaining trace below this many points is forgotten (exponential fades never
+#: reach zero on their own).
+NEGLIGIBLE = 1e-6
+
+FIRE, REARM = "fire", "rearm"
+
+
+class Fade(Protocol):
+    """How the memory of an incident fades: the share left after ``d`` seconds."""
+
+    def share(self, elapsed: float) -> float: ...
+
+    def reaches(self, share: float) -> float:
+        """Seconds after which the share left is down to ``share`` (inf: never)."""
+        ...
+
+
+@attrs.frozen
+class LinearFade:
+    """``fades_over: D``: the trace falls in a straight line and is gone after D."""
+
+    over: float
+
+    def share(self, elapsed: float) -> float:
+        left = 1.0 - elapsed / self.over
+        return left if left > 0.0 else 0.0
+
+    def reaches(self, share: float) -> float:
+        return self.over * (1.0 - share)
+
+    def describe(self) -> str:
+        return f"fades over {self.over / DAY:g} days"
+
+
+@attrs.frozen
+class HalfLifeFade:
+    """``half_life: H``: the trace halves every H."""
+
+    half_life: float
+
+    def share(self, elapsed: float) -> float:
+        return 2.0 ** (-elapsed / self.half_life)
+
+    def reaches(self, share: float) -> float:
+        return math.inf if share <= 0 else self.half_life * math.log2(1.0 / share)
+
+    def describe(self) -> str:
+        return f"half-life {self.half_life / DAY:g} days"
+
+
+@attrs.frozen
+class RateFade:
+    """``fades: {rate: 5%, per: 30d}``: the trace loses ``rate`` of itself every ``per``."""
+
+    rate: float
+    per: float
+
+    def share(self, elapsed: float) -> float:
+        return (1.0 - self.rate) ** (elapsed / self.per)
+
+    def reaches(self, share: float) -> float:
+        if share <= 0:
+            return math.inf if self.rate < 1 else 0.0
+        if self.rate >= 1:
+            return 0.0
+        return self.per * math.log(share) / math.log(1.0 - self.rate)
+
+    def describe(self) -> str:
+        return f"fades {self.rate * 100:g}% every {self.per / DAY:g} days"
+
+
+@attrs.define(slots=True)
+class Penalty:
+    """A fading penalty: ``points`` taken at ``t0``, remembered at ``max(keep, share)``."""
+
+    points: float
+    t0: float
+    fade: Fade
+    keep: float
+    rule: str
+    event_id: str
+    settles_at: float = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.reschedule()
+
+    def reschedule(self) -> None:
+        """When the trace stops changing: at its ``keep`` floor, or negligible."""
+        if self.points <= 0:
+            self.settles_at = self.t0
+            return
+        floor = self.keep if self.keep > 0 else NEGLIGIBLE / self.points
+        self.settles_at = self.t0 + self.fade.reaches(min(floor, 1.0))
+
+    def remaining(self, t: float) -> float:
+        share = self.fade.share(t - self.t0)
+        return self.points * (share if share > self.keep else self.keep)
+
+
+@attrs.define(slots=True)
+class CapitalState:
+    """The settled state of one customer's capital (all derivable by replay)."""
+
+    balance: float
+    opened_at: float
+    last_contact: float
+    clean_since: float
+    steps: int = 0
+    penalties: list[Penalty] = attrs.Factory(list)
+
+
+def clamp(value: float, low: float, high: float) -> float:
+    return low if value < low else high if value > high else value
+
+
+def licence_due(state: CapitalState, rules: RuleSet, t: float) -> tuple[float, int]:
+    """Points the licence owes at ``t`` and the step count they settle to."""
+    licence = rules.licence
+    if licence is None:
+        return 0.0, state.steps
+    steps = int((t - state.clean_since) // licence.clean_for)
+    if steps <= state.steps:
+        return 0.0, state.steps
+    room = licence.up_to - state.balance
+    if room <= 0:
+        return 0.0, steps
+    owed = licence.points * (steps - state.steps)
+    return (owed if owed < room else room), steps
+
+
+def silence_due(state: CapitalState, rules: RuleSet, t: float) -> float:
+    silence = rules.silence
+    if silence is None or silence.rate_per_day <= 0:
+        return 0.0
+    idle = (t - state.last_contact - silence.after) / DAY
+    return silence.rate_per_day * idle if idle > 0 else 0.0
+
+
+def traces(state: CapitalState, t: float) -> float:
+    return sum(p.remaining(t) for p in state.penalties)
+
+
+def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
+    """``B + Lic(t) - T(t) - S(t)``, before clamping."""
+    value = state.balance + licence_due(state, rules, t)[0] - silence_due(state, rules, t)
+    for penalty in state.penalties:
+        value -= penalty.remaining(t)
+    return value
+
+
+def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
+    cap = rules.capital
+    return clamp(raw_capital(state, rules, t), cap.min, cap.max)
+
+
+@attrs.frozen(kw_only=True)
+class Settlement:
+    """What settling time did to the balance (capital itself is unchanged)."""
+
+    licence: float = 0.0
+    silence: float = 0.0
+    floors: tuple[Penalty, ...] = ()
+    dropped: tuple[Penalty, ...] = ()
+
+
+def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool) -> Settlement:
+    """Step 2 of processing: bank the licence, the silence drain (at a contact) and
+    penalties that no longer change. Leaves ``capital_at(t)`` as it was."""
+    cap = rules.capital
+    licence, steps = licence_due(state, rules, t)
+    if licence:
+        state.balance = clamp(state.balance + licence, cap.min, cap.max)
+    state.steps = steps
+    silence = 0.0
+    if contact:
+        silence = silence_due(state, rules, t)
+        if silence:
+            state.balance = clamp(state.balance - silence, cap.min, cap.max)
+        state.last_contact = t
+    floors: list[Penalty] = []
+    dropped: list[Penalty] = []
+    if state.penalties:
+        keep: list[Penalty] = []
+        for penalty in state.penalties:
+            if penalty.settles_at > t:
+                keep.append(penalty)
+            elif penalty.keep > 0:
+                state.balance = clamp(state.balance - penalty.points * penalty.keep,
+                                      cap.min, cap.max)
+                floors.append(penalty)
+            else:
+                dropped.append(penalty)
+        state.penalties = keep
+    return Settlement(licence=licence, silence=silence, floors=tuple(floors),
+                      dropped=tuple(dropped))
+
+
+# -- time-driven level crossings -----------------------------------------------------
+
+def _licence_steps(state: CapitalState, rules: RuleSet, t_from: float, t_to: float) -> list[float]:
+    """Times in (t_from, t_to] at which the licence raises capital."""
+    licence = rules.licence
+    if licence is None:
+        return []
+    owed, steps = licence_due(state, rules, t_from)
+    room = licence.up_to - state.balance - owed
+    times: list[float] = []
+    k = steps + 1
+    while room > 0:
+        at = state.clean_since + k * licence.clean_for
+        if at > t_to:
+            break
+        times.append(at)
+        room -= licence.points
+        k += 1
+    return times
+
+
+def next_licence_step(state: CapitalState, rules: RuleSet, t: float) -> float:
+    """The next time after ``t`` at which the licence would raise capital (inf: none)."""
+    licence = rules.licence
+    if licence is None:
+        return math.inf
+    owed, steps = licence_due(state, rules, t)
+    if licence.up_to - state.balance - owed <= 0:
+        return math.inf
+    return state.clean_since + (steps + 1) * licence.clean_for
+
+
+def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
+    """Smallest m in [lo, hi] with pred(m), given pred monotone and pred(hi) true."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
+def _argmax(value: Callable[[int], float], lo: int, hi: int) -> int:
+    """A maximiser of a concave function over the integers [lo, hi]."""
+    while hi - lo > 2:
+        third = (hi - lo) // 3
+        m1, m2 = lo + third, hi - third
+        v1, v2 = value(m1), value(m2)
+        if v1 < v2:
+            lo = m1 + 1
+        elif v1 > v2:
+            hi = m2 - 1
+        else:
+            lo, hi = m1, m2
+    return max(range(lo, hi + 1), key=value)
+
+
+def level_transitions(
+    state: CapitalState,
+    rules: RuleSet,
+    armed: list[bool],
+    t_from: float,
+    t_to: float,
+    *,
+    include_end: bool,
+) -> list[tuple[float, int, str]]:
+    """Levels that time alone fires or re-arms in ``(t_from, t_to)`` (``t_to`` included
+    when ``include_end``), as (time, level index, FIRE|REARM) in time order.
+
+    Candidate times are the whole milliseconds of the interval, so the result is
+    the same whether the interval is searched at once or in pieces. ``armed`` is
+    updated in place.
+    """
+    levels = rules.levels
+    if not levels:
+        return []
+    cap = rules.capital
+    m_lo = math.floor(t_from * 1000.0) + 1
+    m_hi = math.floor(t_to * 1000.0) if include_end else math.ceil(t_to * 1000.0) - 1
+    if m_hi < m_lo:
+        return []
+
+    def raw(m: int) -> float:
+        return raw_capital(state, rules, m / 1000.0)
+
+    def capital(m: int) -> float:
+        return clamp(raw(m), cap.min, cap.max)
+
+    bounds = [m_lo]
+    for step in _licence_steps(state, rules, t_from, t_to):
+        m = math.ceil(step * 1000.0)
+        if bounds[-1] < m <= m_hi:
+            bounds.append(m)
+    bounds.append(m_hi + 1)
+
+    def ceiling(a: int, b: int) -> float:
+        """An upper bound of capital over [a, b]: traces only shrink, silence only grows."""
+        t_a, t_b = a / 1000.0, b / 1000.0
+        return (state.balance + licence_due(state, rules, t_b)[0] - traces(state, t_b)
+                - silence_due(state, rules, t_a))
+
+    found: list[tuple[float, int, str]] = []
+    for a, b_next in zip(bounds, bounds[1:], strict=False):
+        b = b_next - 1
+        if b < a:
+            continue
+        end_value = capital(b)
+        for index, level in enumerate(levels):
+            start = a
+            if not armed[index]:
+                target = level.below + level.rearm
+                if clamp(ceiling(a, b), cap.min, cap.max) < target:
+                    continue
+                peak = _argmax(raw, start, b)
+                if capital(peak) < target:
+                    continue
+                start = _first_true(lambda m, t=target: capital(m) >= t, start, peak)
+                found.append((start / 1000.0, index, REARM))
+                armed[index] = True
+            if end_value >= level.below:
+                continue  # concave: at or above the level at both ends, so all along
+            hit = _first_true(lambda m, lv=level.below: capital(m) < lv, start, b)
+            found.append((hit / 1000.0, index, FIRE))
+            armed[index] = False
+    found.sort(key=lambda item: (item[0], item[1]))
+    return found
+
+
+def next_level_change(
+    state: CapitalState, rules: RuleSet, armed: list[bool], t: float
+) -> float:
+    """A time, never later than the true one, at which with no new event a level would
+    fire or re-arm or the licence would raise capital (inf: nothing to wait for).
+
+    Firing: while capital only drains by silence it is exact; with fading
+    penalties still active it is the time the level would fire if those traces
+    stopped fading now, a lower bound that ``tick`` refines on its visit.
+    """
+    when = next_licence_step(state, rules, t)
+    levels = rules.levels
+    if not levels:
+        return when
+    remembered = traces(state, t)
+    base = state.balance + licence_due(state, rules, t)[0] - remembered
+    highest = max((lv.below for lv, on in zip(levels, armed, strict=True) if on), default=None)
+    silence = rules.silence
+    if highest is not None and silence is not None and silence.rate_per_day > 0:
+        margin = base - highest  # fires once the silence drain exceeds this
+        if highest > rules.capital.min:
+            days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
+            fire = state.last_contact + days * DAY
+            fire = max(fire, t)
+            when = min(when, math.ceil(fire * 1000.0) / 1000.0)
+    if not all(armed) and state.penalties:
+        horizon = min(when, max(p.settles_at for p in state.penalties))
+        if horizon > t and horizon < math.inf:
+            best = base + remembered - sum(p.points * p.keep for p in state.penalties)
+            best -= silence_due(state, rules, t)
+            if any(clamp(best, rules.capital.min, rules.capital.max) >= lv.below + lv.rearm
+                   for lv, on in zip(levels, armed, strict=True) if not on):
+                trial = list(armed)
+                moves = level_transitions(state, rules, trial, t, horizon, include_end=True)
+                rearms = [at for at, _, kind in moves if kind == REARM]
+                if rearms:
+                    when = min(when, rearms[0])
+    return when

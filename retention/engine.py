@@ -1,0 +1,571 @@
+"""Processing: events in, capital, ledger and decisions out (DESIGN.md sections 4 to 6).
+
+The engine holds, per customer, the settled capital state and the bookkeeping the
+rules need (repeat windows, recoverable incidents, recognition counters, the
+contact-pressure window, consent). Everything is derived from the customer's
+events in time order, so an event that arrives late recomputes that customer
+from their events, and the result is the same as if it had come in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .capital import (
+    FIRE,
+    CapitalState,
+    Penalty,
+    capital_at,
+    clamp,
+    level_transitions,
+    next_level_change,
+    settle,
+)
+from .errors import EventError
+from .models import HELD_OUT, PENDING, SUPPRESSED, Decision, Event, LedgerEntry, Outcome
+from .rules.loader import load_rules
+from .rules.model import ActionRef, RuleSet
+from .times import DAY, TimeFormatError, format_instant, from_seconds, parse_instant
+
+PURCHASE = "purchase"
+
+
+def decision_id(customer: str, cause: str, trigger: str, action: str) -> str:
+    """The id of a decision: a pure function of who, why, what caused it, and the action."""
+    key = "\x1f".join((customer, cause, trigger, action)).encode()
+    return hashlib.blake2b(key, digest_size=12).hexdigest()
+
+
+def in_holdout(customer: str, level: str, share: float) -> bool:
+    """Whether a customer is in the control group of a level (a stable hash, not chance)."""
+    if share <= 0:
+        return False
+    digest = hashlib.blake2b(f"{customer}\x1f{level}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < share
+
+
+@attrs.define(slots=True)
+class _Taken:
+    """Points a recoverable rule took, kept until a recovery or its window passes."""
+
+    at: float
+    penalty: Penalty | None
+    permanent: float
+    recovered: bool = False
+
+
+@attrs.define(slots=True)
+class CustomerView:
+    """``customer.*`` in a condition: the customer just before the event."""
+
+    capital: float | None
+    level: str | None
+    purchases: int
+    spent: float
+    days_since_contact: float | None
+    consent: bool
+
+
+@attrs.define(slots=True, eq=False)
+class Customer:
+    """One customer's state in the engine."""
+
+    id: str
+    events: list[Event] = attrs.Factory(list)
+    state: CapitalState | None = None
+    armed: list[bool] = attrs.Factory(list)
+    fired: list[bool] = attrs.Factory(list)
+    level_time: float = -math.inf
+    horizon: float = -math.inf
+    purchases: int = 0
+    spent: float = 0.0
+    consent: bool = True
+    counts: dict[str, int] = attrs.Factory(dict)
+    rewarded: set[str] = attrs.Factory(set)
+    windows: dict[str, deque[tuple[float, float]]] = attrs.Factory(dict)
+    repeats: dict[str, deque[float]] = attrs.Factory(dict)
+    taken: dict[tuple[str, Any], _Taken] = attrs.Factory(dict)
+    pressure: deque[float] = attrs.Factory(deque)
+    ledger: list[LedgerEntry] = attrs.Factory(list)
+    decisions: dict[str, Decision] = attrs.Factory(dict)
+    next_change: float = math.inf
+
+    @property
+    def is_open(self) -> bool:
+        return self.state is not None
+
+    def level(self, rules: RuleSet) -> str | None:
+        """The lowest level that fired and has not re-armed, or None."""
+        lowest = None
+        for level, fired in zip(rules.levels, self.fired, strict=False):
+            if fired and (lowest is None or level.below < lowest.below):
+                lowest = level
+        return lowest.name if lowest else None
+
+
+def _order(event: Event) -> tuple[float, str, str]:
+    return (event.ts, event.id, event.source)
+
+
+def _moment(value: str | datetime) -> float:
+    try:
+        return parse_instant(value).timestamp()
+    except TimeFormatError as exc:
+        raise EventError(str(exc), field="at") from None
+
+
+class Engine:
+    """The tolerance-capital engine, in memory.
+
+    >>> engine = Engine.from_path("examples/rules/retail.yaml")  # doctest: +SKIP
+    """
+
+    def __init__(self, rules: RuleSet):
+        self._rules = rules
+        self._customers: dict[str, Customer] = {}
+        self._seen: set[tuple[str, str]] = set()
+        self._due: list[tuple[float, str]] = []
+        self._recovery_window = max(
+            (r.recovery.within for r in rules.rules if r.recovery), default=0.0)
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Engine:
+        """An engine with the rules of a file or folder; raises RuleFileError if broken."""
+        return cls(load_rules(path))
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._rules
+
+    # -- public API ----------------------------------------------------------------
+
+    def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
+        """Process one event; returns what it did. Raises EventError for a bad event."""
+        ev = event if isinstance(event, Event) else Event.from_dict(event, source=source)
+        key = (ev.source, ev.id)
+        if key in self._seen:
+            return Outcome(event=ev, capital_before=None, capital_after=None, duplicate=True)
+        self._seen.add(key)
+        customer = self._customers.get(ev.customer)
+        if customer is None:
+            customer = self._customers[ev.customer] = Customer(id=ev.customer)
+        last = customer.events[-1] if customer.events else None
+        if last is None or (_order(ev) > _order(last) and ev.ts >= customer.level_time):
+            customer.events.append(ev)
+            before, after, ledger, decisions = self._apply(customer, ev)
+        else:
+            before, after, ledger, decisions = self._replay(customer, ev)
+        self._schedule(customer)
+        return Outcome(event=ev, capital_before=before, capital_after=after,
+                       ledger=tuple(ledger), decisions=tuple(decisions))
+
+    def process_many(self, events: Iterable[Mapping[str, Any] | Event]) -> Iterator[Outcome]:
+        for event in events:
+            yield self.process(event)
+
+    def capital(self, customer: str, at: str | datetime | None = None) -> float | None:
+        """Capital of a customer at a time (default: their latest event); None if not open."""
+        c = self._customers.get(customer)
+        if c is None:
+            return None
+        if at is None:
+            return None if c.state is None else capital_at(c.state, self._rules, c.events[-1].ts)
+        t = _moment(at)
+        if c.events and t < c.events[-1].ts:
+            c = self._rebuild(c.id, [e for e in c.events if e.ts <= t], horizon=-math.inf)
+        if c.state is None or t < c.state.opened_at:
+            return None
+        return capital_at(c.state, self._rules, t)
+
+    def level(self, customer: str) -> str | None:
+        """The lowest level that fired for a customer and has not re-armed."""
+        c = self._customers.get(customer)
+        return None if c is None else c.level(self._rules)
+
+    def tick(self, now: str | datetime) -> list[Decision]:
+        """Apply what time did up to ``now`` (levels fired or re-armed by silence, fades
+        and the licence) for the customers that are due; returns the new decisions."""
+        t = _moment(now)
+        made: list[Decision] = []
+        due = self._due
+        while due and due[0][0] <= t:
+            when, cid = heapq.heappop(due)
+            customer = self._customers[cid]
+            if customer.next_change != when:
+                continue  # superseded by a later schedule
+            if t > customer.level_time:
+                made.extend(self._advance(customer, t, include_end=True))
+                customer.level_time = t
+                customer.horizon = max(customer.horizon, t)
+            customer.next_change = math.inf
+            self._schedule(customer)
+        made.sort(key=lambda d: (d.at, d.id))
+        return made
+
+    def explain(self, customer: str) -> list[LedgerEntry]:
+        """The whole ledger of one customer, in time order."""
+        c = self._customers.get(customer)
+        return [] if c is None else list(c.ledger)
+
+    def decisions(self, customer: str | None = None, *, status: str | None = None
+                  ) -> list[Decision]:
+        """Decisions made so far (of one customer, or all), oldest first."""
+        pool = ([self._customers[customer]] if customer in self._customers else []
+                ) if customer is not None else self._customers.values()
+        found = [d for c in pool for d in c.decisions.values()
+                 if status is None or d.status == status]
+        found.sort(key=lambda d: (d.at, d.id))
+        return found
+
+    def customers(self) -> Iterator[str]:
+        return iter(self._customers)
+
+    def next_change(self, customer: str) -> float:
+        """When, with no new event, something would change for this customer (seconds)."""
+        c = self._customers.get(customer)
+        return math.inf if c is None else c.next_change
+
+    def use_rules(self, rules: RuleSet | str | Path) -> None:
+        """Switch to another rule set (loaded first: a broken one raises and changes
+        nothing) and recompute every customer from their events."""
+        new = rules if isinstance(rules, RuleSet) else load_rules(rules)
+        self._rules = new
+        self._recovery_window = max(
+            (r.recovery.within for r in new.rules if r.recovery), default=0.0)
+        self._due = []
+        for cid, old in list(self._customers.items()):
+            fresh = self._rebuild(cid, old.events, horizon=old.horizon)
+            for did, decision in old.decisions.items():
+                fresh.decisions.setdefault(did, decision)
+            self._customers[cid] = fresh
+            self._schedule(fresh)
+
+    # -- processing one event ---------------------------------------------------------
+
+    def _apply(self, c: Customer, ev: Event
+               ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
+        rules = self._rules
+        t = ev.ts
+        consent_before = c.consent
+        if ev.type in rules.consent.withdraw_on:
+            c.consent = False
+        elif ev.type in rules.consent.restore_on:
+            c.consent = True
+        state = c.state
+        ledger: list[LedgerEntry] = []
+        decisions: list[Decision] = []
+        cap = rules.capital
+        if state is None:
+            if ev.type not in cap.opens_on:
+                return None, None, ledger, decisions
+            state = c.state = CapitalState(balance=cap.initial, opened_at=t, last_contact=t,
+                                           clean_since=t)
+            c.armed = [cap.initial >= lv.below for lv in rules.levels]
+            c.fired = [False] * len(rules.levels)
+            c.level_time = t
+            ledger.append(LedgerEntry(customer=c.id, rule="opening", points=cap.initial,
+                                      at=ev.at, event_id=ev.id, category="opening",
+                                      reason=f"relationship opened by {ev.type}: "
+                                             f"initial capital {cap.initial:g}"))
+            before = None
+            days_idle: float | None = 0.0
+        else:
+            decisions.extend(self._advance(c, t, include_end=False))
+            days_idle = (t - state.last_contact) / DAY
+            contacts = rules.silence.contacts if rules.silence else None
+            done = settle(state, rules, t, contacts is None or ev.type in contacts)
+            if done.licence:
+                ledger.append(LedgerEntry(
+                    customer=c.id, rule="licence", points=done.licence, at=ev.at,
+                    event_id=ev.id, category="licence",
+                    reason=f"points licence: clean since {format_instant(state.clean_since)}"))
+            if done.silence:
+                ledger.append(LedgerEntry(
+                    customer=c.id, rule="silence", points=-done.silence, at=ev.at,
+                    event_id=ev.id, category="silence",
+                    reason=f"silence: {days_idle:.1f} days without contact"))
+            before = capital_at(state, rules, t)
+            decisions.extend(self._observe(c, before, t, ev.at, ev.id))
+        props = ev.props
+        view = None
+        if rules.uses_customer:
+            view = CustomerView(capital=before if before is not None else cap.initial,
+                                level=c.level(rules), purchases=c.purchases, spent=c.spent,
+                                days_since_contact=days_idle, consent=consent_before)
+        for rule in rules.rules_for(ev.type):
+            if not rule.condition.function(ev, props, view):
+                continue
+            self._apply_rule(c, state, rule, ev, ledger)
+            if rule.then:
+                decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, ev.id, 0.0))
+        if ev.type == PURCHASE:
+            c.purchases += 1
+            amount = props.get("amount")
+            if isinstance(amount, int | float) and not isinstance(amount, bool):
+                c.spent += amount
+        if rules.recognition:
+            decisions.extend(self._recognise(c, ev, view))
+        after = capital_at(state, rules, t)
+        decisions.extend(self._observe(c, after, t, ev.at, ev.id))
+        c.level_time = t
+        c.ledger.extend(ledger)
+        return before, after, ledger, decisions
+
+    def _apply_rule(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
+                    ledger: list[LedgerEntry]) -> None:
+        cap = self._rules.capital
+        t = ev.ts
+        points = rule.points
+        note = ""
+        if rule.repeat is not None:
+            window = c.repeats.get(rule.name)
+            if window is None:
+                window = c.repeats[rule.name] = deque()
+            while window and window[0] < t - rule.repeat.within:
+                window.popleft()
+            if window:
+                points *= rule.repeat.factor ** len(window)
+                note = f", repeat #{len(window) + 1} (x{rule.repeat.factor ** len(window):g})"
+            window.append(t)
+        penalty = None
+        applied = points
+        if points < 0 and rule.fade is not None:
+            penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
+            state.penalties.append(penalty)
+            keep = f", {rule.keep:.0%} kept" if rule.keep else ""
+            reason = f"{rule.name}: {points:g} points, {rule.fade.describe()}{keep}{note}"
+        elif points:
+            old = state.balance
+            state.balance = clamp(old + points, cap.min, cap.max)
+            applied = state.balance - old
+            reason = f"{rule.name}: {points:+g} points{note}"
+            if applied != points:
+                reason += f" ({applied:+g} applied, capital is bounded to [{cap.min:g}, {cap.max:g}])"
+        else:
+            reason = ""
+        if points < 0:
+            state.clean_since = t
+            state.steps = 0
+            for field in rule.recovered_by:
+                link = ev.get(field)
+                if link is not None:
+                    self._remember(c, (rule.name, link),
+                                   _Taken(at=t, penalty=penalty, permanent=-applied))
+        if reason:
+            ledger.append(LedgerEntry(customer=c.id, rule=rule.name, points=applied, at=ev.at,
+                                      event_id=ev.id, category=rule.category, reason=reason))
+        if rule.recovery is not None:
+            self._recover(c, state, rule, ev, ledger)
+
+    def _remember(self, c: Customer, key: tuple[str, Any], taken: _Taken) -> None:
+        if len(c.taken) >= 16:
+            horizon = taken.at - self._recovery_window
+            for stale in [k for k, v in c.taken.items() if v.at < horizon or v.recovered]:
+                del c.taken[stale]
+        c.taken[key] = taken
+
+    def _recover(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
+                 ledger: list[LedgerEntry]) -> None:
+        rec = rule.recovery
+        t = ev.ts
+        link = ev.get(rec.match)
+        taken = c.taken.get((rec.rule, link)) if link is not None else None
+        if taken is None or taken.recovered or t - taken.at > rec.within:
+            return
+        taken.recovered = True
+        cap = self._rules.capital
+        refund = 0.0
+        penalty = taken.penalty
+        if penalty is not None and any(p is penalty for p in state.penalties):
+            refund = penalty.remaining(t) * rec.refund
+            penalty.points *= 1.0 - rec.refund
+            if penalty.points <= 0:
+                state.penalties = [p for p in state.penalties if p is not penalty]
+            else:
+                penalty.reschedule()
+        else:
+            owed = taken.permanent if penalty is None else (
+                penalty.points * penalty.keep if penalty.keep > 0 else 0.0)
+            old = state.balance
+            state.balance = clamp(old + owed * rec.refund, cap.min, cap.max)
+            refund = state.balance - old
+        if refund:
+            ledger.append(LedgerEntry(
+                customer=c.id, rule=rule.name, points=refund, at=ev.at, event_id=ev.id,
+                category=rule.category,
+                reason=f"{rule.name}: recovers {rec.refund:.0%} of {rec.rule} "
+                       f"({rec.match} {link}), {refund:+.2f} points"))
+        if rec.bonus:
+            old = state.balance
+            state.balance = clamp(old + rec.bonus, cap.min, cap.max)
+            ledger.append(LedgerEntry(
+                customer=c.id, rule=rule.name, points=state.balance - old, at=ev.at,
+                event_id=ev.id, category=rule.category,
+                reason=f"{rule.name}: bonus {rec.bonus:+g} for an incident well resolved"))
+
+    def _recognise(self, c: Customer, ev: Event, view: CustomerView | None) -> list[Decision]:
+        made: list[Decision] = []
+        t = ev.ts
+        for rec in self._rules.recognition:
+            if rec.every is not None:
+                assert rec.condition is not None
+                if not rec.condition.function(ev, ev.props, view):
+                    continue
+                count = c.counts[rec.name] = c.counts.get(rec.name, 0) + 1
+                if count % rec.every == 0:
+                    made.extend(self._decide(c, rec.name, rec.then, t, ev.at, ev.id, 0.0,
+                                             extra={"count": count}))
+                continue
+            if ev.type != PURCHASE or rec.name in c.rewarded:
+                continue
+            if rec.condition is not None and not rec.condition.function(ev, ev.props, view):
+                continue
+            window = c.windows.get(rec.name)
+            if window is None:
+                window = c.windows[rec.name] = deque()
+            amount = ev.props.get("amount")
+            amount = amount if isinstance(amount, int | float) and not isinstance(
+                amount, bool) else 0.0
+            window.append((t, float(amount)))
+            if rec.within is not None:
+                while window and window[0][0] <= t - rec.within:
+                    window.popleft()
+            count = len(window)
+            total = sum(a for _, a in window)
+            if (rec.purchases is not None and count >= rec.purchases) or (
+                    rec.spent is not None and total >= rec.spent):
+                c.rewarded.add(rec.name)
+                del c.windows[rec.name]
+                made.extend(self._decide(c, rec.name, rec.then, t, ev.at, ev.id, 0.0,
+                                         extra={"purchases": count, "spent": total}))
+        return made
+
+    # -- levels and decisions ----------------------------------------------------------
+
+    def _advance(self, c: Customer, t: float, *, include_end: bool) -> list[Decision]:
+        """Level firings and re-armings that time alone caused since the last update."""
+        if c.state is None or not self._rules.levels or t <= c.level_time:
+            return []
+        made: list[Decision] = []
+        moves = level_transitions(c.state, self._rules, c.armed, c.level_time, t,
+                                  include_end=include_end)
+        for at, index, kind in moves:
+            if kind == FIRE:
+                c.fired[index] = True
+                made.extend(self._fire(c, index, at, from_seconds(at),
+                                       "time:" + format_instant(at)))
+            else:
+                c.fired[index] = False
+        return made
+
+    def _observe(self, c: Customer, capital: float, t: float, at: datetime, trigger: str
+                 ) -> list[Decision]:
+        made: list[Decision] = []
+        for index, level in enumerate(self._rules.levels):
+            if c.armed[index]:
+                if capital < level.below:
+                    c.armed[index] = False
+                    c.fired[index] = True
+                    made.extend(self._fire(c, index, t, at, trigger))
+            elif capital >= level.below + level.rearm:
+                c.armed[index] = True
+                c.fired[index] = False
+        return made
+
+    def _fire(self, c: Customer, index: int, t: float, at: datetime, trigger: str
+              ) -> list[Decision]:
+        level = self._rules.levels[index]
+        return self._decide(c, level.name, level.then, t, at, trigger, level.holdout)
+
+    def _decide(self, c: Customer, cause: str, refs: tuple[ActionRef, ...], t: float,
+                at: datetime, trigger: str, holdout: float,
+                extra: Mapping[str, Any] | None = None) -> list[Decision]:
+        rules = self._rules
+        held = in_holdout(c.id, cause, holdout)
+        pressure = rules.pressure
+        made = []
+        for ref in refs:
+            action = rules.actions[ref.name]
+            status, reason = PENDING, None
+            if held:
+                status, reason = HELD_OUT, "holdout"
+            elif action.kind == "marketing" and not c.consent:
+                status, reason = SUPPRESSED, "consent"
+            elif pressure is not None and action.kind in pressure.kinds:
+                window = c.pressure
+                while window and window[0] <= t - pressure.per:
+                    window.popleft()
+                if len(window) >= pressure.max:
+                    status, reason = SUPPRESSED, "pressure"
+                else:
+                    window.append(t)
+            params = {**action.params, **ref.params}
+            if extra:
+                params = {**extra, **params}
+            decision = Decision(
+                id=decision_id(c.id, cause, trigger, ref.name), customer=c.id, rule=cause,
+                action=ref.name, params=params, at=at, kind=action.kind, via=action.via,
+                trigger=trigger, status=status, reason=reason)
+            if decision.id in c.decisions:
+                continue
+            c.decisions[decision.id] = decision
+            made.append(decision)
+        return made
+
+    # -- replays and the schedule ----------------------------------------------------
+
+    def _rebuild(self, cid: str, events: Iterable[Event], *, horizon: float) -> Customer:
+        fresh = Customer(id=cid)
+        for event in sorted(events, key=_order):
+            fresh.events.append(event)
+            self._apply(fresh, event)
+        if horizon > fresh.level_time and fresh.state is not None:
+            self._advance(fresh, horizon, include_end=True)
+            fresh.level_time = horizon
+        fresh.horizon = horizon
+        return fresh
+
+    def _replay(self, c: Customer, ev: Event
+                ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
+        """A late event: recompute the customer from all their events, in time order."""
+        fresh = Customer(id=c.id)
+        result: tuple[Any, ...] = (None, None, [], [])
+        for event in sorted([*c.events, ev], key=_order):
+            fresh.events.append(event)
+            outcome = self._apply(fresh, event)
+            if event is ev:
+                result = outcome
+        if c.horizon > fresh.level_time and fresh.state is not None:
+            self._advance(fresh, c.horizon, include_end=True)
+            fresh.level_time = c.horizon
+        fresh.horizon = c.horizon
+        new = [d for did, d in fresh.decisions.items() if did not in c.decisions]
+        for did, decision in c.decisions.items():
+            fresh.decisions[did] = decision  # what was decided before stays as it was
+        self._customers[c.id] = fresh
+        new.sort(key=lambda d: (d.at, d.id))
+        return result[0], result[1], result[2], new
+
+    def _schedule(self, c: Customer) -> None:
+        c = self._customers[c.id]
+        if c.state is None:
+            return
+        when = next_level_change(c.state, self._rules, c.armed, c.level_time)
+        if when == c.next_change:
+            return
+        c.next_change = when
+        if when < math.inf:
+            heapq.heappush(self._due, (when, c.id))
+            if len(self._due) > 4 * len(self._customers) + 1024:
+                self._due = [(cu.next_change, cu.id) for cu in self._customers.values()
+                             if cu.next_change < math.inf]
+                heapq.heapify(self._due)

@@ -1,0 +1,209 @@
+"""The values the engine takes and gives: events, ledger entries, decisions, outcomes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from .errors import EventError
+from .times import TimeFormatError, parse_instant
+
+#: Fields every event has; everything else in an event is a property.
+CORE_FIELDS = ("id", "customer", "type", "at", "source")
+
+#: CloudEvents carries the event time as ``time`` and properties under ``data``.
+_CLOUDEVENT_KEYS = frozenset({"specversion", "time", "data", "datacontenttype", "subject"})
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _text(raw: Mapping[str, Any], field: str, event_id: object) -> str:
+    value = raw.get(field)
+    if value is None or value == "":
+        raise EventError(f"missing field {field!r}", field=field, event_id=event_id)
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise EventError(
+            f"field {field!r} must be a string, got {type(value).__name__}",
+            field=field,
+            event_id=event_id,
+        )
+    return str(value)
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Event:
+    """One fact about one customer at one moment.
+
+    ``ts`` is ``at`` as seconds since the epoch; ``props`` holds every other field
+    (``amount``, ``delay_days``, ``ticket_id``...).
+    """
+
+    id: str
+    customer: str
+    type: str
+    at: datetime
+    source: str = ""
+    props: Mapping[str, Any] = attrs.field(default=_EMPTY)
+    ts: float = attrs.field(init=False)
+
+    @ts.default
+    def _ts(self) -> float:
+        return self.at.timestamp()
+
+    def __attrs_post_init__(self) -> None:
+        if self.at.tzinfo is None or self.at.utcoffset() is None:
+            raise EventError("field 'at' has no time zone", field="at", event_id=self.id)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], *, source: str = "") -> Event:
+        """Validate a plain mapping (JSON object) into an event.
+
+        Accepts the canonical form (``id``, ``customer``, ``type``, ``at``) and the
+        CloudEvents envelope (``time`` for ``at``, properties under ``data``, the
+        customer as ``subject`` or ``data.customer``).
+        """
+        if isinstance(raw, Event):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise EventError(f"expected a JSON object, got {type(raw).__name__}")
+        if "specversion" in raw:
+            raw = _from_cloudevent(raw)
+        event_id = raw.get("id")
+        event_id = _text(raw, "id", event_id)
+        customer = _text(raw, "customer", event_id)
+        kind = _text(raw, "type", event_id)
+        if raw.get("at") in (None, ""):
+            raise EventError("missing field 'at'", field="at", event_id=event_id)
+        try:
+            at = parse_instant(raw["at"])
+        except TimeFormatError as exc:
+            raise EventError(f"field 'at': {exc}", field="at", event_id=event_id) from None
+        src = raw.get("source") or source
+        props = {k: v for k, v in raw.items() if k not in CORE_FIELDS}
+        return cls(
+            id=event_id,
+            customer=customer,
+            type=kind,
+            at=at,
+            source=str(src) if src else "",
+            props=props,
+        )
+
+    def get(self, field: str, default: Any = None) -> Any:
+        if field in CORE_FIELDS:
+            return getattr(self, field)
+        return self.props.get(field, default)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "customer": self.customer,
+            "type": self.type,
+            "at": self.at.isoformat(),
+        }
+        if self.source:
+            out["source"] = self.source
+        out.update(self.props)
+        return out
+
+
+def _from_cloudevent(raw: Mapping[str, Any]) -> dict[str, Any]:
+    data = raw.get("data")
+    if data is not None and not isinstance(data, Mapping):
+        raise EventError("CloudEvents 'data' must be a JSON object", field="data",
+                         event_id=raw.get("id"))
+    out: dict[str, Any] = dict(data or {})
+    for key, value in raw.items():
+        if key not in _CLOUDEVENT_KEYS and not key.startswith("ce_"):
+            out.setdefault(key, value)
+    out["id"] = raw.get("id")
+    out["type"] = raw.get("type")
+    out["source"] = raw.get("source")
+    out.setdefault("at", raw.get("time"))
+    if raw.get("subject") and not out.get("customer"):
+        out["customer"] = raw["subject"]
+    return out
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class LedgerEntry:
+    """A movement of capital, with the rule that caused it and a readable reason."""
+
+    customer: str
+    rule: str
+    points: float
+    at: datetime
+    event_id: str | None
+    category: str
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "customer": self.customer,
+            "rule": self.rule,
+            "points": self.points,
+            "at": self.at.isoformat(),
+            "event_id": self.event_id,
+            "category": self.category,
+            "reason": self.reason,
+        }
+
+
+#: Decision statuses of the engine; delivery adds ``sent`` and ``failed``.
+PENDING, SUPPRESSED, HELD_OUT = "pending", "suppressed", "held_out"
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Decision:
+    """An action the engine decided, with a deterministic id.
+
+    ``rule`` is the level, recognition or rule name that caused it; ``trigger``
+    is the event id, or the crossing time for a decision that time caused.
+    """
+
+    id: str
+    customer: str
+    rule: str
+    action: str
+    params: Mapping[str, Any]
+    at: datetime
+    kind: str
+    via: str | None
+    trigger: str
+    status: str = PENDING
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "customer": self.customer,
+            "rule": self.rule,
+            "action": self.action,
+            "params": dict(self.params),
+            "at": self.at.isoformat(),
+            "kind": self.kind,
+            "via": self.via,
+            "trigger": self.trigger,
+            "status": self.status,
+            "reason": self.reason,
+        }
+
+
+@attrs.frozen(kw_only=True, slots=True)
+class Outcome:
+    """What processing one event did.
+
+    ``capital_before``/``capital_after`` are None while the customer is a prospect;
+    ``duplicate`` is True when the event id was already known (nothing changed).
+    """
+
+    event: Event
+    capital_before: float | None
+    capital_after: float | None
+    ledger: tuple[LedgerEntry, ...] = ()
+    decisions: tuple[Decision, ...] = ()
+    duplicate: bool = False

@@ -1,0 +1,61 @@
+"""Event time: parsing ISO-8601 instants and rule-file durations.
+
+Inside the engine an instant is a float of seconds since the Unix epoch (UTC);
+at the API boundary it is a timezone-aware :class:`datetime.datetime`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+DAY = 86400.0
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
+
+
+class TimeFormatError(ValueError):
+    """A time or a duration that cannot be read."""
+
+
+def parse_instant(value: object) -> datetime:
+    """Read an ISO-8601 instant with a time zone (a string or an aware datetime)."""
+    if isinstance(value, datetime):
+        moment = value
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise TimeFormatError(f"{value!r} is not an ISO-8601 time") from None
+    else:
+        raise TimeFormatError(f"expected an ISO-8601 time, got {type(value).__name__}")
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise TimeFormatError(f"{value!s} has no time zone (add Z or an offset like +00:00)")
+    return moment
+
+
+def to_seconds(moment: datetime) -> float:
+    return moment.timestamp()
+
+
+def from_seconds(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def parse_duration(value: object) -> float:
+    """Read a duration such as ``90d``, ``12h``, ``2w``, ``30m``, ``45s`` into seconds."""
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, str):
+        raise TimeFormatError(f"expected a duration like 90d, 12h or 2w, got {value!r}")
+    match = _DURATION.match(value)
+    if not match:
+        raise TimeFormatError(f"expected a duration like 90d, 12h or 2w, got {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def format_instant(seconds: float) -> str:
+    """A stable ISO-8601 form (UTC, milliseconds), used in decision triggers."""
+    moment = from_seconds(seconds)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
