@@ -14,6 +14,7 @@ clamping is concave in time, so a level is crossed downward at most once there;
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
@@ -325,7 +326,7 @@ def level_transitions(
                 - silence_due(state, rules, t_a))
 
     found: list[tuple[float, int, str]] = []
-    for a, b_next in zip(bounds, bounds[1:], strict=False):
+    for a, b_next in itertools.pairwise(bounds):
         b = b_next - 1
         if b < a:
             continue

@@ -349,7 +349,8 @@ class Engine:
             applied = state.balance - old
             reason = f"{rule.name}: {points:+g} points{note}"
             if applied != points:
-                reason += f" ({applied:+g} applied, capital is bounded to [{cap.min:g}, {cap.max:g}])"
+                reason += (f" ({applied:+g} applied, capital is bounded to "
+                           f"[{cap.min:g}, {cap.max:g}])")
         else:
             reason = ""
         if points < 0:

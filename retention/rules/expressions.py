@@ -402,7 +402,7 @@ def _build(tree: ast.expr, source: str) -> Callable[[Any, Any, Any], bool]:
         **lowering.constants,  # type: ignore[attr-defined]
         **{"_fn_" + name: _guarded(fn) for name, fn in FUNCTIONS.items()},
     }
-    exec(compile(module, f"<condition {source!r}>", "exec"), namespace)  # noqa: S102 - whitelisted tree
+    exec(compile(module, f"<condition {source!r}>", "exec"), namespace)
     return namespace["condition"]
 
 

@@ -7,6 +7,7 @@ raises :class:`~retention.errors.RuleFileError` and nothing of it is used.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import math
@@ -45,6 +46,7 @@ Pos = tuple[int, int]
 
 TOP_KEYS = ("capital", "rules", "silence", "licence", "levels", "recognition", "pressure",
             "consent", "actions", "description")
+_SINGULAR = {"rules": "rule", "recognition": "recognition", "actions": "action"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
 
@@ -229,10 +231,8 @@ class _Section:
         """A fraction in [0, 1], written 0.05 or "5%"."""
         value = self.m.get(key)
         if isinstance(value, str) and value.strip().endswith("%"):
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value.strip()[:-1]) / 100.0
-            except ValueError:
-                pass
         if not _is_number(value) or not 0 <= value <= 1:
             self.error(key, f"{key} must be a share between 0 and 1 (or a percentage like 5%), "
                             f"got {self.m.get(key)!r}")
@@ -388,8 +388,8 @@ class _Compiler:
                     if not isinstance(body, LMap):
                         section.error(name, f"{name} must be a mapping of settings")
                         continue
-                    self.named[key].append((name, _Section(self.v, file, body,
-                                                           f"{key[:-1] if key != 'recognition' else key} {name!r}")))
+                    where = f"{_SINGULAR[key]} {name!r}"
+                    self.named[key].append((name, _Section(self.v, file, body, where)))
             levels = data.get("levels")
             if levels is None:
                 continue
