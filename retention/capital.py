@@ -266,19 +266,35 @@ def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
     return hi
 
 
-def _argmax(value: Callable[[int], float], lo: int, hi: int) -> int:
-    """A maximiser of a concave function over the integers [lo, hi]."""
-    while hi - lo > 2:
-        third = (hi - lo) // 3
-        m1, m2 = lo + third, hi - third
-        v1, v2 = value(m1), value(m2)
-        if v1 < v2:
-            lo = m1 + 1
-        elif v1 > v2:
-            hi = m2 - 1
+def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: int
+                    ) -> int | None:
+    """Smallest m in [lo, hi] with value(m) >= target, for a concave value (None: none).
+
+    A concave function rises then falls, so "falling from m on" is monotone in m:
+    bisect on it for the peak, stopping as soon as a point reaches the target.
+    """
+    if value(lo) >= target:
+        return lo
+    left, right = lo, hi
+    found = None
+    while left < right:
+        mid = (left + right) // 2
+        here, after = value(mid), value(mid + 1)
+        if here >= target:
+            found = mid
+            break
+        if after >= target:
+            found = mid + 1
+            break
+        if here < after:
+            left = mid + 1
         else:
-            lo, hi = m1, m2
-    return max(range(lo, hi + 1), key=value)
+            right = mid
+    if found is None:
+        if value(left) < target:
+            return None
+        found = left
+    return _first_true(lambda m: value(m) >= target, lo, found)
 
 
 def level_transitions(
@@ -337,10 +353,10 @@ def level_transitions(
                 target = level.below + level.rearm
                 if clamp(ceiling(a, b), cap.min, cap.max) < target:
                     continue
-                peak = _argmax(raw, start, b)
-                if capital(peak) < target:
+                rise = _first_at_least(capital, target, start, b)
+                if rise is None:
                     continue
-                start = _first_true(lambda m, t=target: capital(m) >= t, start, peak)
+                start = rise
                 found.append((start / 1000.0, index, REARM))
                 armed[index] = True
             if end_value >= level.below:
@@ -375,18 +391,35 @@ def next_level_change(
         if highest > rules.capital.min:
             days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
             fire = state.last_contact + days * DAY
-            fire = max(fire, t)
-            when = min(when, math.ceil(fire * 1000.0) / 1000.0)
+            # the first candidate millisecond after t (transitions up to t are applied)
+            fire_ms = max(math.ceil(fire * 1000.0), math.floor(t * 1000.0) + 1)
+            when = min(when, fire_ms / 1000.0)
     if not all(armed) and state.penalties:
-        horizon = min(when, max(p.settles_at for p in state.penalties))
-        if horizon > t and horizon < math.inf:
-            best = base + remembered - sum(p.points * p.keep for p in state.penalties)
-            best -= silence_due(state, rules, t)
-            if any(clamp(best, rules.capital.min, rules.capital.max) >= lv.below + lv.rearm
-                   for lv, on in zip(levels, armed, strict=True) if not on):
-                trial = list(armed)
-                moves = level_transitions(state, rules, trial, t, horizon, include_end=True)
-                rearms = [at for at, _, kind in moves if kind == REARM]
-                if rearms:
-                    when = min(when, rearms[0])
+        when = min(when, _earliest_rearm(state, rules, armed, t, base, remembered, when))
     return when
+
+
+def _earliest_rearm(state: CapitalState, rules: RuleSet, armed: list[bool], t: float,
+                    base: float, remembered: float, until: float) -> float:
+    """A time never later than the first re-arming before ``until`` (inf: none).
+
+    Until the next licence step, capital is at most ``ceiling(x) = B + Lic(t) - T(x)
+    - S(t)``, which only grows as traces fade; the first millisecond at which the
+    ceiling reaches a disarmed level's re-arm mark is a safe lower bound.
+    """
+    cap = rules.capital
+    targets = [lv.below + lv.rearm for lv, on in zip(rules.levels, armed, strict=True)
+               if not on]
+    target = min(targets)
+    horizon = min(until, max(p.settles_at for p in state.penalties))
+    if not horizon > t or horizon == math.inf or target > cap.max:
+        return math.inf
+    top = base + remembered - silence_due(state, rules, t)
+
+    def reaches(m: int) -> bool:
+        return top - traces(state, m / 1000.0) >= target
+
+    m_lo, m_hi = math.floor(t * 1000.0) + 1, math.ceil(horizon * 1000.0)
+    if not reaches(m_hi):
+        return math.inf
+    return _first_true(reaches, m_lo, m_hi) / 1000.0

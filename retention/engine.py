@@ -116,6 +116,11 @@ def _order(event: Event) -> tuple[float, str, str]:
     return (event.ts, event.id, event.source)
 
 
+def _trigger(event: Event) -> str:
+    """What names an event in a decision id: its id, qualified by its source if any."""
+    return f"{event.source}/{event.id}" if event.source else event.id
+
+
 def _moment(value: str | datetime) -> float:
     try:
         return parse_instant(value).timestamp()
@@ -200,12 +205,11 @@ class Engine:
         while due and due[0][0] <= t:
             when, cid = heapq.heappop(due)
             customer = self._customers[cid]
-            if customer.next_change != when:
-                continue  # superseded by a later schedule
-            if t > customer.level_time:
-                made.extend(self._advance(customer, t, include_end=True))
-                customer.level_time = t
-                customer.horizon = max(customer.horizon, t)
+            if customer.next_change != when or customer.level_time >= t:
+                continue  # superseded by a later schedule, or already visited
+            made.extend(self._advance(customer, t, include_end=True))
+            customer.level_time = t
+            customer.horizon = max(customer.horizon, t)
             customer.next_change = math.inf
             self._schedule(customer)
         made.sort(key=lambda d: (d.at, d.id))
@@ -294,7 +298,7 @@ class Engine:
                     event_id=ev.id, category="silence",
                     reason=f"silence: {days_idle:.1f} days without contact"))
             before = capital_at(state, rules, t)
-            decisions.extend(self._observe(c, before, t, ev.at, ev.id))
+            decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
         props = ev.props
         view = None
         if rules.uses_customer:
@@ -306,7 +310,8 @@ class Engine:
                 continue
             self._apply_rule(c, state, rule, ev, ledger)
             if rule.then:
-                decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, ev.id, 0.0))
+                decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, _trigger(ev),
+                                                  0.0))
         if ev.type == PURCHASE:
             c.purchases += 1
             amount = props.get("amount")
@@ -315,7 +320,7 @@ class Engine:
         if rules.recognition:
             decisions.extend(self._recognise(c, ev, view))
         after = capital_at(state, rules, t)
-        decisions.extend(self._observe(c, after, t, ev.at, ev.id))
+        decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
         c.ledger.extend(ledger)
         return before, after, ledger, decisions
@@ -349,7 +354,7 @@ class Engine:
             applied = state.balance - old
             reason = f"{rule.name}: {points:+g} points{note}"
             if applied != points:
-                reason += (f" ({applied:+g} applied, capital is bounded to "
+                reason += (f" ({applied:+g} applied: the settled balance stays within "
                            f"[{cap.min:g}, {cap.max:g}])")
         else:
             reason = ""
@@ -423,7 +428,7 @@ class Engine:
                     continue
                 count = c.counts[rec.name] = c.counts.get(rec.name, 0) + 1
                 if count % rec.every == 0:
-                    made.extend(self._decide(c, rec.name, rec.then, t, ev.at, ev.id, 0.0,
+                    made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
                                              extra={"count": count}))
                 continue
             if ev.type != PURCHASE or rec.name in c.rewarded:
@@ -446,7 +451,7 @@ class Engine:
                     rec.spent is not None and total >= rec.spent):
                 c.rewarded.add(rec.name)
                 del c.windows[rec.name]
-                made.extend(self._decide(c, rec.name, rec.then, t, ev.at, ev.id, 0.0,
+                made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
                                          extra={"purchases": count, "spent": total}))
         return made
 
@@ -456,6 +461,8 @@ class Engine:
         """Level firings and re-armings that time alone caused since the last update."""
         if c.state is None or not self._rules.levels or t <= c.level_time:
             return []
+        if t < c.next_change or (t == c.next_change and not include_end):
+            return []  # next_change is never later than the first thing time could do
         made: list[Decision] = []
         moves = level_transitions(c.state, self._rules, c.armed, c.level_time, t,
                                   include_end=include_end)
@@ -495,6 +502,9 @@ class Engine:
         pressure = rules.pressure
         made = []
         for ref in refs:
+            did = decision_id(c.id, cause, trigger, ref.name)
+            if did in c.decisions:
+                continue
             action = rules.actions[ref.name]
             status, reason = PENDING, None
             if held:
@@ -513,11 +523,9 @@ class Engine:
             if extra:
                 params = {**extra, **params}
             decision = Decision(
-                id=decision_id(c.id, cause, trigger, ref.name), customer=c.id, rule=cause,
+                id=did, customer=c.id, rule=cause,
                 action=ref.name, params=params, at=at, kind=action.kind, via=action.via,
                 trigger=trigger, status=status, reason=reason)
-            if decision.id in c.decisions:
-                continue
             c.decisions[decision.id] = decision
             made.append(decision)
         return made

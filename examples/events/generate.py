@@ -12,7 +12,7 @@ The stream covers 2025-01-01 to 2026-06-30 and mixes five kinds of customers:
 - prospects: browse and open emails but never buy (their relationship never opens).
 
 Every event is one JSON object per line (id, customer, type, at, source and properties, see
-docs/DESIGN.md sections 3-5), sorted by `at`. The output depends only on the seed and the
+DESIGN.md sections 3 to 5), sorted by `at`. The output depends only on the seed and the
 number of customers, so re-running gives a byte-identical file:
 
     .venv/bin/python examples/events/generate.py                 # writes retail.jsonl
@@ -38,10 +38,10 @@ NEWSLETTER_EVERY = timedelta(days=14)
 
 SEGMENT_WEIGHTS = {
     "loyal": 0.12,
-    "occasional": 0.45,
-    "drifting": 0.18,
-    "unhappy": 0.13,
-    "prospect": 0.12,
+    "occasional": 0.43,
+    "drifting": 0.15,
+    "unhappy": 0.09,
+    "prospect": 0.21,
 }
 
 SKUS = [
@@ -84,9 +84,11 @@ class Stream:
     def add(self, customer: str, kind: str, at: datetime, source: str, **props: object) -> None:
         if at >= PERIOD_END:
             return
+        at = at.replace(second=0, microsecond=0)
         # The insertion counter keeps ties between equal timestamps in generation order.
-        self.events.append((at, customer, len(self.events), {"type": kind, "source": source,
-                                                              **props}))
+        self.events.append(
+            (at, customer, len(self.events), {"type": kind, "source": source, **props})
+        )
 
     def next_order(self) -> str:
         self.orders += 1
@@ -119,10 +121,10 @@ class Customer:
         self.stream = stream
         self.id = customer_id
         self.segment = segment
-        self.subscribed = True
+        self.opted_out: list[tuple[datetime, datetime]] = []
         self.diaper_buyer = False
         self.basket_mean = 50.0
-        self.late_rate = 0.06
+        self.late_rate = 0.08
         self.newsletter_open_rate = 0.3
         self.review_rate = 0.05
 
@@ -131,8 +133,9 @@ class Customer:
     def at_daytime(self, day: datetime) -> datetime:
         """The same day at a plausible shopping time (7:00 to 22:59), on a 5-minute grid."""
         midnight = day.replace(hour=0, minute=0, second=0, microsecond=0)
-        return midnight + timedelta(hours=self.rng.randint(7, 22),
-                                    minutes=5 * self.rng.randint(0, 11))
+        return midnight + timedelta(
+            hours=self.rng.randint(7, 22), minutes=5 * self.rng.randint(0, 11)
+        )
 
     def later(self, at: datetime, min_days: float, max_days: float) -> datetime:
         return self.at_daytime(at + timedelta(days=self.rng.uniform(min_days, max_days)))
@@ -150,9 +153,17 @@ class Customer:
         """Opens of the fortnightly newsletter; an open is a contact and stops silence drain."""
         sent = FIRST_NEWSLETTER
         while sent < end:
-            if sent >= start and self.subscribed and self.rng.random() < self.newsletter_open_rate:
-                self.emit("email_open", sent + timedelta(minutes=self.rng.randint(10, 2880)),
-                          "email", campaign=f"nl-{sent:%Y%m%d}")
+            if (
+                sent >= start
+                and self.receives_newsletter(sent)
+                and self.rng.random() < self.newsletter_open_rate
+            ):
+                self.emit(
+                    "email_open",
+                    sent + timedelta(minutes=self.rng.randint(10, 2880)),
+                    "email",
+                    campaign=f"nl-{sent:%Y%m%d}",
+                )
             sent += NEWSLETTER_EVERY
 
     def delivery_delay(self, late_rate: float) -> int:
@@ -162,8 +173,7 @@ class Customer:
             return self.rng.randint(8, 14)
         return self.rng.randint(3, 7)
 
-    def complain(self, at: datetime, unresolved_rate: float = 0.1,
-                 slow_rate: float = 0.15) -> None:
+    def complain(self, at: datetime, unresolved_rate: float = 0.15, slow_rate: float = 0.2) -> None:
         ticket = self.stream.next_ticket()
         self.emit("complaint", at, "helpdesk", ticket_id=ticket)
         draw = self.rng.random()
@@ -175,12 +185,12 @@ class Customer:
             resolved = at + timedelta(days=self.rng.uniform(0.2, 5))
         self.emit("ticket_resolved", resolved, "helpdesk", ticket_id=ticket)
 
-    def order(self, at: datetime, late_rate: float | None = None,
-              complaint_rate: float = 0.35) -> int:
+    def order(
+        self, at: datetime, late_rate: float | None = None, complaint_rate: float = 0.35
+    ) -> int:
         """A purchase and what follows it; returns the delivery delay in days."""
         order_id = self.stream.next_order()
-        sku = DIAPER_SKU if self.diaper_buyer and self.rng.random() < 0.7 else (
-            self.rng.choice(SKUS))
+        sku = DIAPER_SKU if self.diaper_buyer and self.rng.random() < 0.7 else self.rng.choice(SKUS)
         amount = max(4.99, self.rng.lognormvariate(0, 0.45) * self.basket_mean)
         self.emit("purchase", at, "shop", order_id=order_id, amount=round(amount, 2), sku=sku)
 
@@ -193,11 +203,13 @@ class Customer:
         if self.rng.random() < (0.12 if delay > 2 else 0.04):
             self.emit("return", self.later(delivered, 1, 6), "shop", order_id=order_id)
 
-        if self.rng.random() < 0.15:
-            rating = self.rng.choice([1, 2, 2, 3]) if delay > 2 else self.rng.choice(
-                [3, 4, 4, 5, 5, 5])
-            self.emit("rating", self.later(delivered, 0, 3), "shop", rating=rating,
-                      order_id=order_id)
+        if self.rng.random() < 0.08:
+            rating = (
+                self.rng.choice([1, 2, 2, 3]) if delay > 2 else self.rng.choice([3, 4, 4, 5, 5, 5])
+            )
+            self.emit(
+                "rating", self.later(delivered, 0, 3), "shop", rating=rating, order_id=order_id
+            )
         if self.rng.random() < self.review_rate:
             self.review(self.later(delivered, 1, 5), happy=delay <= 2)
         return delay
@@ -217,29 +229,34 @@ class Customer:
         self.emit("referral", self.later(at, 0.5, 2), "web", referred=f"{self.id}-friend")
         self.review(self.later(at, 2, 5))
 
+    def receives_newsletter(self, sent: datetime) -> bool:
+        return not any(start <= sent < end for start, end in self.opted_out)
+
     def maybe_unsubscribe(self, at: datetime, rate: float) -> None:
-        if not self.subscribed or self.rng.random() >= rate:
+        if not self.receives_newsletter(at) or self.rng.random() >= rate:
             return
-        self.subscribed = False
         self.emit("unsubscribe", at, "email")
+        opted_in_again = PERIOD_END
         # Rarely, the customer changes their mind and opts back in.
         if self.rng.random() < 0.2:
-            self.subscribed = True
-            self.emit("subscribe", self.later(at, 20, 150), "email")
+            opted_in_again = self.later(at, 20, 150)
+            self.emit("subscribe", opted_in_again, "email")
+        self.opted_out.append((at, opted_in_again))
 
-    def shop(self, start: datetime, end: datetime, mean_gap_days: float,
-             burst_rate: float = 0.0) -> datetime:
+    def shop(
+        self, start: datetime, end: datetime, mean_gap_days: float, burst_rate: float = 0.0
+    ) -> datetime:
         """Orders from start to end about every mean_gap_days; returns the last purchase time."""
         at = start
         last = start
         while at < end:
-            if self.rng.random() < 0.15:
+            if self.rng.random() < 0.06:
                 self.browse(at - timedelta(minutes=self.rng.randint(5, 90)))
             self.order(at)
             last = at
             if self.rng.random() < burst_rate:
                 self.contribution_burst(self.later(at, 3, 10))
-            if self.rng.random() < 0.002:
+            if self.rng.random() < 0.003:
                 self.billing_errors(at)
             # Household needs come back at a fairly steady pace, not as a memoryless process.
             gap = mean_gap_days * self.rng.uniform(0.6, 1.4)
@@ -248,35 +265,37 @@ class Customer:
 
     def billing_errors(self, at: datetime) -> None:
         first = self.later(at, 0, 2)
-        self.emit("billing_error", first, "shop", order_id=f"inv-{self.id}-1")
-        # A third of the customers hit by one are hit again within six months.
-        if self.rng.random() < 0.35:
-            self.emit("billing_error", self.later(first, 20, 170), "shop",
-                      order_id=f"inv-{self.id}-2")
+        self.emit("billing_error", first, "shop", invoice_id=f"inv-{self.id}-1")
+        # Half of the customers hit by one are hit again within six months.
+        if self.rng.random() < 0.5:
+            self.emit(
+                "billing_error", self.later(first, 20, 170), "shop", invoice_id=f"inv-{self.id}-2"
+            )
 
     # --- segments ----------------------------------------------------------------------
 
     def simulate(self, joined: datetime) -> None:
-        getattr(self, f"simulate_{self.segment}")(joined)
+        # Decided first, so that no newsletter is opened while the customer is opted out.
         if self.segment != "prospect":
             self.maybe_unsubscribe(self.later(joined, 10, 400), rate=0.04)
+        getattr(self, f"simulate_{self.segment}")(joined)
 
     def simulate_loyal(self, joined: datetime) -> None:
         self.diaper_buyer = self.rng.random() < 0.5
         self.basket_mean = self.rng.uniform(35, 85)
         self.late_rate = 0.04
-        self.newsletter_open_rate = self.rng.uniform(0.1, 0.5)
+        self.newsletter_open_rate = self.rng.uniform(0.1, 0.4)
         self.review_rate = 0.1
         self.open_emails(joined, PERIOD_END)
-        self.shop(joined, PERIOD_END, mean_gap_days=self.rng.uniform(25, 45), burst_rate=0.05)
+        self.shop(joined, PERIOD_END, mean_gap_days=self.rng.uniform(28, 50), burst_rate=0.05)
 
     def simulate_occasional(self, joined: datetime) -> None:
         self.diaper_buyer = self.rng.random() < 0.1
         self.basket_mean = self.rng.uniform(25, 65)
         # Most occasional buyers read our emails; those who do not drift towards `watch`.
-        self.newsletter_open_rate = self.rng.choice([0, 0.15, 0.3, 0.4])
+        self.newsletter_open_rate = self.rng.choice([0, 0.15, 0.2, 0.25, 0.3, 0.4])
         self.open_emails(joined, PERIOD_END)
-        self.shop(joined, PERIOD_END, mean_gap_days=self.rng.uniform(45, 90))
+        self.shop(joined, PERIOD_END, mean_gap_days=self.rng.uniform(45, 85))
 
     def simulate_drifting(self, joined: datetime) -> None:
         self.diaper_buyer = self.rng.random() < 0.2
@@ -285,20 +304,21 @@ class Customer:
         active_until = joined + timedelta(days=self.rng.uniform(30, 200))
         self.open_emails(joined, active_until)
         last = self.shop(joined, active_until, mean_gap_days=self.rng.uniform(20, 50))
-        silence = timedelta(days=self.rng.uniform(60, 220))
-        if self.rng.random() < 0.6:
-            # Back after a long silence: one order, and a few emails read.
+        silence = timedelta(days=self.rng.uniform(50, 150))
+        if self.rng.random() < 0.7:
+            # Back after a long silence, either for a short while or as an occasional buyer.
             back = self.at_daytime(last + silence)
+            stays_until = self.rng.choice([back + timedelta(days=90), PERIOD_END])
             self.newsletter_open_rate = 0.2
-            self.open_emails(back, back + timedelta(days=120))
-            self.shop(back, back + timedelta(days=self.rng.uniform(0, 90)), mean_gap_days=45)
+            self.open_emails(back, stays_until)
+            self.shop(back, stays_until, mean_gap_days=self.rng.uniform(40, 70))
 
     def simulate_unhappy(self, joined: datetime) -> None:
         self.basket_mean = self.rng.uniform(30, 80)
         self.newsletter_open_rate = self.rng.uniform(0.1, 0.5)
         trouble_from = joined + timedelta(days=self.rng.uniform(0, 120))
-        self.open_emails(joined, trouble_from + timedelta(days=60))
-        self.shop(joined, trouble_from, mean_gap_days=self.rng.uniform(20, 45))
+        self.open_emails(joined, trouble_from)
+        self.shop(joined, trouble_from, mean_gap_days=self.rng.uniform(30, 60))
 
         # A run of bad deliveries with complaints, some of them left unresolved.
         at = self.at_daytime(trouble_from)
@@ -310,8 +330,12 @@ class Customer:
 
         # Pulled away: comparing prices, then the cancel page, then gone.
         for _ in range(self.rng.randint(1, 4)):
-            self.emit("price_compare", at, "web",
-                      competitor=self.rng.choice(["bigbox", "quickcart", "babyland"]))
+            self.emit(
+                "price_compare",
+                at,
+                "web",
+                competitor=self.rng.choice(["bigbox", "quickcart", "babyland"]),
+            )
             at = self.later(at, 1, 6)
         if self.rng.random() < 0.7:
             self.browse(at, cancel=True)
@@ -319,8 +343,9 @@ class Customer:
 
     def simulate_prospect(self, joined: datetime) -> None:
         self.newsletter_open_rate = self.rng.uniform(0, 0.4)
-        for _ in range(self.rng.randint(1, 4)):
-            self.browse(self.later(joined, 0, 90))
+        self.browse(joined)
+        for _ in range(self.rng.randint(0, 3)):
+            self.browse(self.later(joined, 1, 90))
         self.open_emails(joined, joined + timedelta(days=self.rng.uniform(30, 200)))
 
 
@@ -333,8 +358,8 @@ def generate(seed: int, customers: int) -> list[str]:
     for number in range(1, customers + 1):
         segment = rng.choices(segments, weights)[0]
         customer = Customer(rng, stream, f"c-{number:04d}", segment)
-        # More customers joined early on: the shop had a launch campaign in January 2025.
-        joined = PERIOD_START + timedelta(days=span_days * rng.random() ** 1.1)
+        # Nobody joins in the last month, so that every customer has a little history.
+        joined = PERIOD_START + timedelta(days=span_days * rng.random())
         customer.simulate(customer.at_daytime(joined))
     return stream.lines()
 
@@ -348,10 +373,12 @@ def main() -> None:
 
     lines = generate(args.seed, args.customers)
     text = "".join(line + "\n" for line in lines)
-    args.out.write_text(text, encoding="utf-8")
+    args.out.write_text(text, encoding="utf-8", newline="\n")
     customer_count = len({json.loads(line)["customer"] for line in lines})
-    print(f"{len(lines)} events, {customer_count} customers, "
-          f"{len(text.encode('utf-8'))} bytes -> {args.out}")
+    print(
+        f"{len(lines)} events, {customer_count} customers, "
+        f"{len(text.encode('utf-8'))} bytes -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

@@ -150,6 +150,7 @@ class Condition:
     source: str
     function: Callable[[Any, Any, Any], bool] = attrs.field(repr=False)
     tree: ast.expr = attrs.field(repr=False)
+    functions: dict[str, Callable[..., Any]] = attrs.field(repr=False)
     event_types: frozenset[str] | None
     customer_fields: frozenset[str]
 
@@ -158,7 +159,7 @@ class Condition:
 
     def reference(self, event: Any, props: Any, customer: Any) -> bool:
         """The interpreted evaluation, the definition the compiled one must agree with."""
-        return bool(_interpret(self.tree, event, props, customer))
+        return bool(_interpret(self.tree, event, props, customer, self.functions))
 
 
 def compile_condition(source: str) -> Condition:
@@ -173,10 +174,12 @@ def compile_condition(source: str) -> Condition:
         ) from None
     customer_fields: set[str] = set()
     checked = _Checker(customer_fields).visit(tree.body)
-    function = _build(checked, source)
+    functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
+    function = _build(checked, source, functions)
     return Condition(
         source=source,
         function=function,
+        functions=functions,
         tree=checked,
         event_types=_event_types(checked),
         customer_fields=frozenset(customer_fields),
@@ -376,7 +379,8 @@ def _guarded(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _build(tree: ast.expr, source: str) -> Callable[[Any, Any, Any], bool]:
+def _build(tree: ast.expr, source: str, functions: dict[str, Callable[..., Any]]
+           ) -> Callable[[Any, Any, Any], bool]:
     lowering = _Lowering()
     lowering.constants = {}  # type: ignore[attr-defined]
     body = lowering.visit(copy.deepcopy(tree))
@@ -398,9 +402,9 @@ def _build(tree: ast.expr, source: str) -> Callable[[Any, Any, Any], bool]:
         "_MISSING": MISSING,
         "_in": _in,
         "_not_in": _not_in,
-        "_slow": lambda ev, pr, cu: bool(_interpret(tree, ev, pr, cu)),
+        "_slow": lambda ev, pr, cu: bool(_interpret(tree, ev, pr, cu, functions)),
         **lowering.constants,  # type: ignore[attr-defined]
-        **{"_fn_" + name: _guarded(fn) for name, fn in FUNCTIONS.items()},
+        **{"_fn_" + name: _guarded(fn) for name, fn in functions.items()},
     }
     exec(compile(module, f"<condition {source!r}>", "exec"), namespace)
     return namespace["condition"]
@@ -408,7 +412,8 @@ def _build(tree: ast.expr, source: str) -> Callable[[Any, Any, Any], bool]:
 
 # -- the reference interpreter -------------------------------------------------------
 
-def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any) -> Any:
+def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any,
+               fns: dict[str, Callable[..., Any]]) -> Any:
     kind = type(node)
     if kind is ast.Constant:
         return node.value  # type: ignore[attr-defined]
@@ -423,12 +428,12 @@ def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any) -> Any:
     if kind is ast.BoolOp:
         result: Any = None
         for value in node.values:  # type: ignore[attr-defined]
-            result = _interpret(value, ev, pr, cu)
+            result = _interpret(value, ev, pr, cu, fns)
             if isinstance(node.op, ast.And) != bool(result):  # type: ignore[attr-defined]
                 return result
         return result
     if kind is ast.UnaryOp:
-        operand = _interpret(node.operand, ev, pr, cu)  # type: ignore[attr-defined]
+        operand = _interpret(node.operand, ev, pr, cu, fns)  # type: ignore[attr-defined]
         if isinstance(node.op, ast.Not):  # type: ignore[attr-defined]
             return not operand
         if operand is MISSING:
@@ -438,8 +443,8 @@ def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any) -> Any:
         except Exception:
             return MISSING
     if kind is ast.BinOp:
-        left = _interpret(node.left, ev, pr, cu)  # type: ignore[attr-defined]
-        right = _interpret(node.right, ev, pr, cu)  # type: ignore[attr-defined]
+        left = _interpret(node.left, ev, pr, cu, fns)  # type: ignore[attr-defined]
+        right = _interpret(node.right, ev, pr, cu, fns)  # type: ignore[attr-defined]
         if left is MISSING or right is MISSING:
             return MISSING
         try:
@@ -447,9 +452,9 @@ def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any) -> Any:
         except Exception:
             return MISSING
     if kind is ast.Compare:
-        left = _interpret(node.left, ev, pr, cu)  # type: ignore[attr-defined]
+        left = _interpret(node.left, ev, pr, cu, fns)  # type: ignore[attr-defined]
         for op, comparator in zip(node.ops, node.comparators, strict=True):  # type: ignore[attr-defined]
-            right = _interpret(comparator, ev, pr, cu)
+            right = _interpret(comparator, ev, pr, cu, fns)
             if left is MISSING or right is MISSING:
                 return False
             try:
@@ -460,13 +465,13 @@ def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any) -> Any:
             left = right
         return True
     if kind is ast.Call:
-        args = [_interpret(a, ev, pr, cu) for a in node.args]  # type: ignore[attr-defined]
+        args = [_interpret(a, ev, pr, cu, fns) for a in node.args]  # type: ignore[attr-defined]
         if any(a is MISSING for a in args):
             return MISSING
         try:
-            return FUNCTIONS[node.func.id](*args)  # type: ignore[attr-defined]
+            return fns[node.func.id](*args)  # type: ignore[attr-defined]
         except Exception:
             return MISSING
     if kind is ast.Tuple:
-        return tuple(_interpret(e, ev, pr, cu) for e in node.elts)  # type: ignore[attr-defined]
+        return tuple(_interpret(e, ev, pr, cu, fns) for e in node.elts)  # type: ignore[attr-defined]
     raise AssertionError(f"unchecked node {kind.__name__}")  # pragma: no cover

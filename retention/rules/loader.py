@@ -58,22 +58,27 @@ class LMap(dict):
     pos: Pos = (1, 1)
     key_pos: dict[Any, Pos]
     val_pos: dict[Any, Pos]
-    val_offset: dict[Any, int]
+    val_offset: dict[Any, int | None]
 
 
 class LList(list):
     pos: Pos = (1, 1)
     item_pos: list[Pos]
-    item_offset: list[int]
+    item_offset: list[int | None]
 
 
 def _mark(node: yaml.Node) -> Pos:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _text_offset(node: yaml.Node) -> int:
-    """Columns between a scalar's mark and its text (the opening quote)."""
-    return 1 if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"') else 0
+def _text_offset(node: yaml.Node) -> int | None:
+    """Columns between a scalar's mark and its text (the opening quote); None when
+    the scalar spans several lines, where columns inside it cannot be mapped back."""
+    if not isinstance(node, yaml.ScalarNode):
+        return 0
+    if node.style in ("|", ">") or node.start_mark.line != node.end_mark.line:
+        return None
+    return 1 if node.style in ("'", '"') else 0
 
 
 class _Builder:
@@ -248,6 +253,9 @@ class _Section:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             self.error(key, f"{key} must be a list of names, got {value!r}")
             return None
+        if not value:
+            self.error(key, f"{key} needs at least one name (remove the key for the default)")
+            return None
         return frozenset(value)
 
     def text(self, key: str, *, required: bool = False) -> str | None:
@@ -262,8 +270,11 @@ class _Section:
         return value
 
     def mapping(self, key: str, where: str) -> _Section | None:
-        value = self.m.get(key)
+        if key not in self.m:
+            return None
+        value = self.m[key]
         if value is None:
+            self.error(key, f"{key} is empty; give its settings or remove the key", at_key=True)
             return None
         if not isinstance(value, LMap):
             self.error(key, f"{key} must be a mapping, got {value!r}")
@@ -278,9 +289,10 @@ class _Section:
             return compile_condition(source)
         except ExpressionError as exc:
             line, col = self.m.val_pos[key]
-            if exc.line == 1:
-                col += self.m.val_offset.get(key, 0) + exc.column - 1
-            self.owner.error(self.file, (line + exc.line - 1, col), str(exc))
+            offset = self.m.val_offset.get(key)
+            if offset is not None and exc.line == 1:  # a one-line scalar: exact column
+                col += offset + exc.column - 1
+            self.owner.error(self.file, (line, col), str(exc))
             return None
 
 
@@ -380,8 +392,14 @@ class _Compiler:
                                             "_ and -, starting with a letter)", at_key=True)
                         continue
                     if name in seen_names[key]:
-                        section.error(name, f"{key} {name!r} is already defined in "
+                        section.error(name, f"{_SINGULAR[key]} {name!r} is already defined in "
                                             f"{seen_names[key][name]}", at_key=True)
+                        continue
+                    other = "recognition" if key == "rules" else "rules"
+                    if key != "actions" and name in seen_names[other]:
+                        section.error(name, f"{name!r} is already the name of a "
+                                            f"{_SINGULAR[other]}; decisions name their cause, "
+                                            "so names must differ", at_key=True)
                         continue
                     seen_names[key][name] = file
                     body = section.m[name]
@@ -480,6 +498,8 @@ class _Compiler:
             else:
                 self.v.error(s.file, pos, "an action is a name, or {name: {parameters}}")
                 continue
+            if name in self.broken_actions:
+                continue  # its own declaration is reported already
             if name not in actions:
                 declared = self.declared_actions
                 hint = _suggest(name, declared)
@@ -491,6 +511,7 @@ class _Compiler:
 
     def _actions(self) -> dict[str, Action]:
         self.declared_actions = [name for name, _ in self.named["actions"]]
+        self.broken_actions: set[str] = set()
         actions = {}
         for name, s in self.named["actions"]:
             s.only(("kind", "via", "template", "params", "description"))
@@ -511,6 +532,8 @@ class _Compiler:
                 params["template"] = template
             if kind is not None:
                 actions[name] = Action(name=name, kind=kind, via=via, params=params)
+            else:
+                self.broken_actions.add(name)
         return actions
 
     def _fade(self, s: _Section) -> Any:
@@ -652,8 +675,9 @@ class _Compiler:
         for name, s in self.named["recognition"]:
             s.only(("every", "when", "after", "then", "description"))
             then = self._then(s, actions)
-            if "then" not in s.m:
-                s.error(None, f"recognition {name!r} needs then: [actions]")
+            if not s.m.get("then"):
+                s.error("then" if "then" in s.m else None,
+                        f"recognition {name!r} needs then: [at least one action]")
             has_every, has_after = "every" in s.m, "after" in s.m
             if has_every == has_after:
                 s.error(None, f"recognition {name!r} needs exactly one of every: N "
@@ -702,6 +726,10 @@ class _Compiler:
         clean = s.duration("clean_for", required=True)
         points = s.number("points", required=True, low=0.0, strict_low=True)
         up_to = s.number("up_to", capital.initial)
+        if up_to is not None and not capital.min <= up_to <= capital.max:
+            s.error("up_to", f"up_to ({up_to:g}) must lie between capital min ({capital.min:g}) "
+                             f"and max ({capital.max:g})")
+            up_to = None
         if clean is None or points is None or up_to is None:
             return None
         return Licence(clean_for=clean, points=points, up_to=up_to)
