@@ -169,10 +169,24 @@ def traces(state: CapitalState, t: float) -> float:
 
 
 def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
-    """``B + Lic(t) - T(t) - S(t)``, before clamping."""
-    value = state.balance + licence_due(state, rules, t)[0] - silence_due(state, rules, t)
+    """``B + Lic(t) - T(t) - S(t)``, before clamping (the hot path: written out flat)."""
+    value = balance = state.balance
+    licence = rules.licence
+    if licence is not None:
+        steps = int((t - state.clean_since) // licence.clean_for)
+        if steps > state.steps:
+            room = licence.up_to - balance
+            if room > 0:
+                owed = licence.points * (steps - state.steps)
+                value += owed if owed < room else room
+    silence = rules.silence
+    if silence is not None:
+        idle = t - state.last_contact - silence.after
+        if idle > 0:
+            value -= silence.rate_per_day * idle / DAY
     for penalty in state.penalties:
-        value -= penalty.remaining(t)
+        share = penalty.fade.share(t - penalty.t0)
+        value -= penalty.points * (share if share > penalty.keep else penalty.keep)
     return value
 
 
@@ -181,32 +195,25 @@ def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
     return clamp(raw_capital(state, rules, t), cap.min, cap.max)
 
 
-@attrs.frozen(kw_only=True)
-class Settlement:
-    """What settling time did to the balance (capital itself is unchanged)."""
-
-    licence: float = 0.0
-    silence: float = 0.0
-    floors: tuple[Penalty, ...] = ()
-    dropped: tuple[Penalty, ...] = ()
-
-
-def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool) -> Settlement:
+def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
+           ) -> tuple[float, float]:
     """Step 2 of processing: bank the licence, the silence drain (at a contact) and
-    penalties that no longer change. Leaves ``capital_at(t)`` as it was."""
+    penalties that no longer change (a faded one is dropped, one at its keep floor
+    is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
+    and the silence drain banked."""
     cap = rules.capital
-    licence, steps = licence_due(state, rules, t)
-    if licence:
-        state.balance = clamp(state.balance + licence, cap.min, cap.max)
-    state.steps = steps
+    licence = 0.0
+    if rules.licence is not None:
+        licence, state.steps = licence_due(state, rules, t)
+        if licence:
+            state.balance = clamp(state.balance + licence, cap.min, cap.max)
     silence = 0.0
     if contact:
-        silence = silence_due(state, rules, t)
-        if silence:
-            state.balance = clamp(state.balance - silence, cap.min, cap.max)
+        if rules.silence is not None:
+            silence = silence_due(state, rules, t)
+            if silence:
+                state.balance = clamp(state.balance - silence, cap.min, cap.max)
         state.last_contact = t
-    floors: list[Penalty] = []
-    dropped: list[Penalty] = []
     if state.penalties:
         keep: list[Penalty] = []
         for penalty in state.penalties:
@@ -215,12 +222,8 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool) -> Sett
             elif penalty.keep > 0:
                 state.balance = clamp(state.balance - penalty.points * penalty.keep,
                                       cap.min, cap.max)
-                floors.append(penalty)
-            else:
-                dropped.append(penalty)
         state.penalties = keep
-    return Settlement(licence=licence, silence=silence, floors=tuple(floors),
-                      dropped=tuple(dropped))
+    return licence, silence
 
 
 # -- time-driven level crossings -----------------------------------------------------
@@ -266,6 +269,44 @@ def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
     return hi
 
 
+def _crossing(value: Callable[[int], float], level: float, lo: int, hi: int, *,
+              falling: bool) -> int:
+    """The first m in (lo, hi] where ``value`` has crossed ``level`` (gone below it when
+    ``falling``, reached it otherwise), given it has at ``hi``, not at ``lo``, and the
+    value is monotone and concave in between.
+
+    Regula falsi on the millisecond grid: on a concave piece the chord is a close
+    guess that never jumps past the answer from the safe side; the two milliseconds
+    around it are probed, and a bisection step is taken whenever the chord fails to
+    halve the bracket, so it never takes more steps than plain bisection.
+    """
+
+    def crossed(v: float) -> bool:
+        return v < level if falling else v >= level
+
+    v_lo, v_hi = value(lo), value(hi)
+    use_chord = True
+    while hi - lo > 1:
+        width = hi - lo
+        if use_chord and v_lo != v_hi:
+            guess = lo + (v_lo - level) / (v_lo - v_hi) * width
+            m = min(max(math.floor(guess), lo + 1), hi - 1)
+        else:
+            m = (lo + hi) // 2
+        v_m = value(m)
+        if crossed(v_m):
+            hi, v_hi = m, v_m
+        else:
+            lo, v_lo = m, v_m
+            if m + 1 < hi:
+                v_next = value(m + 1)
+                if crossed(v_next):
+                    return m + 1
+                lo, v_lo = m + 1, v_next
+        use_chord = (hi - lo) * 2 <= width
+    return hi
+
+
 def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: int
                     ) -> int | None:
     """Smallest m in [lo, hi] with value(m) >= target, for a concave value (None: none).
@@ -294,7 +335,7 @@ def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: i
         if value(left) < target:
             return None
         found = left
-    return _first_true(lambda m: value(m) >= target, lo, found)
+    return _crossing(value, target, lo, found, falling=False)
 
 
 def level_transitions(
@@ -353,7 +394,7 @@ def level_transitions(
                 target = level.below + level.rearm
                 if clamp(ceiling(a, b), cap.min, cap.max) < target:
                     continue
-                rise = _first_at_least(capital, target, start, b)
+                rise = _first_at_least(raw, target, start, b)
                 if rise is None:
                     continue
                 start = rise
@@ -361,7 +402,8 @@ def level_transitions(
                 armed[index] = True
             if end_value >= level.below:
                 continue  # concave: at or above the level at both ends, so all along
-            hit = _first_true(lambda m, lv=level.below: capital(m) < lv, start, b)
+            hit = start if raw(start) < level.below else _crossing(
+                raw, level.below, start, b, falling=True)
             found.append((hit / 1000.0, index, FIRE))
             armed[index] = False
     found.sort(key=lambda item: (item[0], item[1]))
@@ -369,57 +411,97 @@ def level_transitions(
 
 
 def next_level_change(
-    state: CapitalState, rules: RuleSet, armed: list[bool], t: float
-) -> float:
-    """A time, never later than the true one, at which with no new event a level would
-    fire or re-arm or the licence would raise capital (inf: nothing to wait for).
+    state: CapitalState, rules: RuleSet, t: float, highest: float, rearm_at: float
+) -> tuple[float, float]:
+    """When, with no new event, something could next change: ``(next_change,
+    levels_due)``, both never later than the truth (inf: nothing to wait for).
 
-    Firing: while capital only drains by silence it is exact; with fading
-    penalties still active it is the time the level would fire if those traces
-    stopped fading now, a lower bound that ``tick`` refines on its visit.
+    ``highest`` is the highest armed level (-inf: none), ``rearm_at`` the lowest
+    capital at which a fired level re-arms (inf: every level is armed).
+
+    ``levels_due`` is the earliest time a level could fire or re-arm; ``next_change``
+    adds the next licence step. Firing: while capital only drains by silence the
+    time is exact; with fading penalties still active it is the time the level
+    would fire if those traces stopped fading now, a lower bound that ``tick``
+    refines on its visit.
     """
-    when = next_licence_step(state, rules, t)
+    step = math.inf
+    owed = 0.0
+    licence = rules.licence
+    if licence is not None:
+        owed, steps = licence_due(state, rules, t)
+        if licence.up_to - state.balance - owed > 0:
+            step = state.clean_since + (steps + 1) * licence.clean_for
     levels = rules.levels
     if not levels:
-        return when
-    remembered = traces(state, t)
-    base = state.balance + licence_due(state, rules, t)[0] - remembered
-    highest = max((lv.below for lv, on in zip(levels, armed, strict=True) if on), default=None)
+        return step, math.inf
+    remembered = 0.0
+    for penalty in state.penalties:
+        share = penalty.fade.share(t - penalty.t0)
+        remembered += penalty.points * (share if share > penalty.keep else penalty.keep)
+    base = state.balance + owed - remembered
+    all_armed = rearm_at == math.inf
+    due = math.inf
+    if not all_armed and step < math.inf:
+        due = _licence_rearm(state, rules, t, base + remembered, rearm_at)
     silence = rules.silence
-    if highest is not None and silence is not None and silence.rate_per_day > 0:
+    if highest > -math.inf and silence is not None and silence.rate_per_day > 0:
         margin = base - highest  # fires once the silence drain exceeds this
         if highest > rules.capital.min:
             days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
             fire = state.last_contact + days * DAY
             # the first candidate millisecond after t (transitions up to t are applied)
             fire_ms = max(math.ceil(fire * 1000.0), math.floor(t * 1000.0) + 1)
-            when = min(when, fire_ms / 1000.0)
-    if not all(armed) and state.penalties:
-        when = min(when, _earliest_rearm(state, rules, armed, t, base, remembered, when))
-    return when
+            due = min(due, fire_ms / 1000.0)
+    if not all_armed and state.penalties:
+        due = min(due, _earliest_rearm(state, rules, rearm_at, t, base, remembered, due))
+    return min(step, due), due
 
 
-def _earliest_rearm(state: CapitalState, rules: RuleSet, armed: list[bool], t: float,
+def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, settled: float,
+                   target: float) -> float:
+    """The licence step before which capital cannot reach ``target`` (inf: none can).
+
+    ``settled`` is B plus the licence owed at ``t``; traces never fall below their
+    keep floors and silence only grows, which bounds capital from above.
+    """
+    licence = rules.licence
+    assert licence is not None
+    floors = sum(p.points * p.keep for p in state.penalties)
+    best = settled - floors - silence_due(state, rules, t)
+    if best >= target:
+        needed = 1
+    else:
+        room = licence.up_to - settled
+        gap = target - best
+        if gap > room:
+            return math.inf
+        needed = math.ceil(gap / licence.points)
+    steps = int((t - state.clean_since) // licence.clean_for)
+    return state.clean_since + (max(steps, state.steps) + needed) * licence.clean_for
+
+
+def _earliest_rearm(state: CapitalState, rules: RuleSet, target: float, t: float,
                     base: float, remembered: float, until: float) -> float:
     """A time never later than the first re-arming before ``until`` (inf: none).
 
-    Until the next licence step, capital is at most ``ceiling(x) = B + Lic(t) - T(x)
-    - S(t)``, which only grows as traces fade; the first millisecond at which the
-    ceiling reaches a disarmed level's re-arm mark is a safe lower bound.
+    Until the next licence step capital is at most ``B + Lic(t) - S(t) - T(x)``, so
+    re-arming needs ``T(x) <= allowance``; every trace is part of T, so none of them
+    can be above the allowance either, which gives a bound in closed form.
     """
-    cap = rules.capital
-    targets = [lv.below + lv.rearm for lv, on in zip(rules.levels, armed, strict=True)
-               if not on]
-    target = min(targets)
-    horizon = min(until, max(p.settles_at for p in state.penalties))
-    if not horizon > t or horizon == math.inf or target > cap.max:
+    if target > rules.capital.max:
         return math.inf
-    top = base + remembered - silence_due(state, rules, t)
-
-    def reaches(m: int) -> bool:
-        return top - traces(state, m / 1000.0) >= target
-
-    m_lo, m_hi = math.floor(t * 1000.0) + 1, math.ceil(horizon * 1000.0)
-    if not reaches(m_hi):
+    allowance = base + remembered - silence_due(state, rules, t) - target
+    if allowance < 0:
         return math.inf
-    return _first_true(reaches, m_lo, m_hi) / 1000.0
+    when = t
+    for penalty in state.penalties:
+        share = allowance / penalty.points
+        if share >= 1:
+            continue
+        if share < penalty.keep:
+            return math.inf
+        # a trace is forgotten at settles_at even if its fade never reaches zero
+        when = max(when, min(penalty.t0 + penalty.fade.reaches(share), penalty.settles_at))
+    when = max(math.floor(when * 1000.0), math.floor(t * 1000.0) + 1) / 1000.0
+    return when if when < until else math.inf

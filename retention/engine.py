@@ -98,6 +98,14 @@ class Customer:
     ledger: list[LedgerEntry] = attrs.Factory(list)
     decisions: dict[str, Decision] = attrs.Factory(dict)
     next_change: float = math.inf
+    #: the time of this customer's live entry in the tick queue
+    scheduled: float = math.inf
+    levels_due: float = math.inf
+    #: points moved since the schedule was computed
+    dirty: bool = False
+    #: levels cannot move while capital stays in [calm_low, calm_high)
+    calm_low: float = -math.inf
+    calm_high: float = math.inf
 
     @property
     def is_open(self) -> bool:
@@ -139,6 +147,8 @@ class Engine:
         self._customers: dict[str, Customer] = {}
         self._seen: set[tuple[str, str]] = set()
         self._due: list[tuple[float, str]] = []
+        self._view = CustomerView(capital=None, level=None, purchases=0, spent=0.0,
+                                  days_since_contact=None, consent=True)
         self._recovery_window = max(
             (r.recovery.within for r in rules.rules if r.recovery), default=0.0)
 
@@ -163,13 +173,20 @@ class Engine:
         customer = self._customers.get(ev.customer)
         if customer is None:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
-        last = customer.events[-1] if customer.events else None
-        if last is None or (_order(ev) > _order(last) and ev.ts >= customer.level_time):
+        events = customer.events
+        if not events or (ev.ts >= customer.level_time and (
+                ev.ts > events[-1].ts or _order(ev) > _order(events[-1]))):
             customer.events.append(ev)
             before, after, ledger, decisions = self._apply(customer, ev)
         else:
             before, after, ledger, decisions = self._replay(customer, ev)
-        self._schedule(customer)
+            customer = self._customers[ev.customer]
+            customer.dirty = True
+        # An event that moved no points leaves future capital at or above what was
+        # foreseen, so a still-future schedule stays a valid (early) one, unless a
+        # level waits to re-arm, which a higher capital could bring sooner.
+        if customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < math.inf:
+            self._schedule(customer)
         return Outcome(event=ev, capital_before=before, capital_after=after,
                        ledger=tuple(ledger), decisions=tuple(decisions))
 
@@ -186,7 +203,7 @@ class Engine:
             return None if c.state is None else capital_at(c.state, self._rules, c.events[-1].ts)
         t = _moment(at)
         if c.events and t < c.events[-1].ts:
-            c = self._rebuild(c.id, [e for e in c.events if e.ts <= t], horizon=-math.inf)
+            c = self._rebuild(c.id, [e for e in c.events if e.ts <= t], horizon=-math.inf)[0]
         if c.state is None or t < c.state.opened_at:
             return None
         return capital_at(c.state, self._rules, t)
@@ -205,12 +222,12 @@ class Engine:
         while due and due[0][0] <= t:
             when, cid = heapq.heappop(due)
             customer = self._customers[cid]
-            if customer.next_change != when or customer.level_time >= t:
+            if customer.scheduled != when or customer.level_time >= t:
                 continue  # superseded by a later schedule, or already visited
             made.extend(self._advance(customer, t, include_end=True))
             customer.level_time = t
             customer.horizon = max(customer.horizon, t)
-            customer.next_change = math.inf
+            customer.scheduled = math.inf
             self._schedule(customer)
         made.sort(key=lambda d: (d.at, d.id))
         return made
@@ -247,7 +264,7 @@ class Engine:
             (r.recovery.within for r in new.rules if r.recovery), default=0.0)
         self._due = []
         for cid, old in list(self._customers.items()):
-            fresh = self._rebuild(cid, old.events, horizon=old.horizon)
+            fresh = self._rebuild(cid, old.events, horizon=old.horizon)[0]
             for did, decision in old.decisions.items():
                 fresh.decisions.setdefault(did, decision)
             self._customers[cid] = fresh
@@ -276,6 +293,8 @@ class Engine:
             c.armed = [cap.initial >= lv.below for lv in rules.levels]
             c.fired = [False] * len(rules.levels)
             c.level_time = t
+            c.dirty = True
+            self._calm(c)
             ledger.append(LedgerEntry(customer=c.id, rule="opening", points=cap.initial,
                                       at=ev.at, event_id=ev.id, category="opening",
                                       reason=f"relationship opened by {ev.type}: "
@@ -283,32 +302,39 @@ class Engine:
             before = None
             days_idle: float | None = 0.0
         else:
-            decisions.extend(self._advance(c, t, include_end=False))
+            if t > c.levels_due:
+                decisions.extend(self._advance(c, t, include_end=False))
             days_idle = (t - state.last_contact) / DAY
             contacts = rules.silence.contacts if rules.silence else None
-            done = settle(state, rules, t, contacts is None or ev.type in contacts)
-            if done.licence:
+            licence, silence = settle(state, rules, t, contacts is None or ev.type in contacts)
+            if licence:
                 ledger.append(LedgerEntry(
-                    customer=c.id, rule="licence", points=done.licence, at=ev.at,
+                    customer=c.id, rule="licence", points=licence, at=ev.at,
                     event_id=ev.id, category="licence",
                     reason=f"points licence: clean since {format_instant(state.clean_since)}"))
-            if done.silence:
+            if silence:
                 ledger.append(LedgerEntry(
-                    customer=c.id, rule="silence", points=-done.silence, at=ev.at,
+                    customer=c.id, rule="silence", points=-silence, at=ev.at,
                     event_id=ev.id, category="silence",
                     reason=f"silence: {days_idle:.1f} days without contact"))
             before = capital_at(state, rules, t)
-            decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
+            if not c.calm_low <= before < c.calm_high:
+                decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
         props = ev.props
         view = None
         if rules.uses_customer:
-            view = CustomerView(capital=before if before is not None else cap.initial,
-                                level=c.level(rules), purchases=c.purchases, spent=c.spent,
-                                days_since_contact=days_idle, consent=consent_before)
-        for rule in rules.rules_for(ev.type):
-            if not rule.condition.function(ev, props, view):
+            view = self._view  # one reusable holder: conditions only read it
+            view.capital = before if before is not None else cap.initial
+            view.level = c.level(rules) if rules.uses_level else None
+            view.purchases = c.purchases
+            view.spent = c.spent
+            view.days_since_contact = days_idle
+            view.consent = consent_before
+        for rule in rules.by_type.get(ev.type, rules.any_type):
+            if not rule.test(ev, props, view):
                 continue
             self._apply_rule(c, state, rule, ev, ledger)
+            c.dirty = True
             if rule.then:
                 decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, _trigger(ev),
                                                   0.0))
@@ -317,10 +343,11 @@ class Engine:
             amount = props.get("amount")
             if isinstance(amount, int | float) and not isinstance(amount, bool):
                 c.spent += amount
-        if rules.recognition:
+        if rules.recognition_for(ev.type):
             decisions.extend(self._recognise(c, ev, view))
-        after = capital_at(state, rules, t)
-        decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
+        after = capital_at(state, rules, t) if c.dirty or before is None else before
+        if not c.calm_low <= after < c.calm_high:
+            decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
         c.ledger.extend(ledger)
         return before, after, ledger, decisions
@@ -346,13 +373,12 @@ class Engine:
         if points < 0 and rule.fade is not None:
             penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
             state.penalties.append(penalty)
-            keep = f", {rule.keep:.0%} kept" if rule.keep else ""
-            reason = f"{rule.name}: {points:g} points, {rule.fade.describe()}{keep}{note}"
+            reason = rule.reason + note if note else rule.reason
         elif points:
             old = state.balance
             state.balance = clamp(old + points, cap.min, cap.max)
             applied = state.balance - old
-            reason = f"{rule.name}: {points:+g} points{note}"
+            reason = rule.reason + note if note else rule.reason
             if applied != points:
                 reason += (f" ({applied:+g} applied: the settled balance stays within "
                            f"[{cap.min:g}, {cap.max:g}])")
@@ -421,7 +447,7 @@ class Engine:
     def _recognise(self, c: Customer, ev: Event, view: CustomerView | None) -> list[Decision]:
         made: list[Decision] = []
         t = ev.ts
-        for rec in self._rules.recognition:
+        for rec in self._rules.recognition_for(ev.type):
             if rec.every is not None:
                 assert rec.condition is not None
                 if not rec.condition.function(ev, ev.props, view):
@@ -461,8 +487,8 @@ class Engine:
         """Level firings and re-armings that time alone caused since the last update."""
         if c.state is None or not self._rules.levels or t <= c.level_time:
             return []
-        if t < c.next_change or (t == c.next_change and not include_end):
-            return []  # next_change is never later than the first thing time could do
+        if t < c.levels_due or (t == c.levels_due and not include_end):
+            return []  # levels_due is never later than the first thing time could do
         made: list[Decision] = []
         moves = level_transitions(c.state, self._rules, c.armed, c.level_time, t,
                                   include_end=include_end)
@@ -473,6 +499,8 @@ class Engine:
                                        "time:" + format_instant(at)))
             else:
                 c.fired[index] = False
+        if moves:
+            self._calm(c)
         return made
 
     def _observe(self, c: Customer, capital: float, t: float, at: datetime, trigger: str
@@ -487,7 +515,18 @@ class Engine:
             elif capital >= level.below + level.rearm:
                 c.armed[index] = True
                 c.fired[index] = False
+        self._calm(c)
         return made
+
+    def _calm(self, c: Customer) -> None:
+        """Recompute the band of capital in which no level can fire or re-arm."""
+        low, high = -math.inf, math.inf
+        for level, armed in zip(self._rules.levels, c.armed, strict=True):
+            if armed:
+                low = max(low, level.below)
+            else:
+                high = min(high, level.below + level.rearm)
+        c.calm_low, c.calm_high = low, high
 
     def _fire(self, c: Customer, index: int, t: float, at: datetime, trigger: str
               ) -> list[Decision]:
@@ -532,49 +571,54 @@ class Engine:
 
     # -- replays and the schedule ----------------------------------------------------
 
-    def _rebuild(self, cid: str, events: Iterable[Event], *, horizon: float) -> Customer:
+    def _rebuild(self, cid: str, events: Iterable[Event], *, horizon: float,
+                 watch: Event | None = None) -> tuple[Customer, tuple[Any, ...]]:
+        """A customer recomputed from their events in time order, then brought to the
+        tick horizon they had; also returns what ``watch`` (one of them) did."""
         fresh = Customer(id=cid)
+        result: tuple[Any, ...] = (None, None, [], [])
         for event in sorted(events, key=_order):
             fresh.events.append(event)
-            self._apply(fresh, event)
+            outcome = self._apply(fresh, event)
+            self._plan(fresh)
+            if event is watch:
+                result = outcome
         if horizon > fresh.level_time and fresh.state is not None:
             self._advance(fresh, horizon, include_end=True)
             fresh.level_time = horizon
+            self._plan(fresh)
         fresh.horizon = horizon
-        return fresh
+        return fresh, result
 
     def _replay(self, c: Customer, ev: Event
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         """A late event: recompute the customer from all their events, in time order."""
-        fresh = Customer(id=c.id)
-        result: tuple[Any, ...] = (None, None, [], [])
-        for event in sorted([*c.events, ev], key=_order):
-            fresh.events.append(event)
-            outcome = self._apply(fresh, event)
-            if event is ev:
-                result = outcome
-        if c.horizon > fresh.level_time and fresh.state is not None:
-            self._advance(fresh, c.horizon, include_end=True)
-            fresh.level_time = c.horizon
-        fresh.horizon = c.horizon
+        fresh, result = self._rebuild(c.id, [*c.events, ev], horizon=c.horizon, watch=ev)
         new = [d for did, d in fresh.decisions.items() if did not in c.decisions]
         for did, decision in c.decisions.items():
             fresh.decisions[did] = decision  # what was decided before stays as it was
+        fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
 
+    def _plan(self, c: Customer) -> None:
+        """Recompute when, with no new event, something could next change for ``c``."""
+        c.dirty = False
+        if c.state is not None:
+            c.next_change, c.levels_due = next_level_change(
+                c.state, self._rules, c.level_time, c.calm_low, c.calm_high)
+
     def _schedule(self, c: Customer) -> None:
-        c = self._customers[c.id]
-        if c.state is None:
+        """Plan ``c`` and put it in the tick queue at its next change."""
+        self._plan(c)
+        when = c.next_change
+        if when == c.scheduled:
             return
-        when = next_level_change(c.state, self._rules, c.armed, c.level_time)
-        if when == c.next_change:
-            return
-        c.next_change = when
+        c.scheduled = when
         if when < math.inf:
             heapq.heappush(self._due, (when, c.id))
             if len(self._due) > 4 * len(self._customers) + 1024:
-                self._due = [(cu.next_change, cu.id) for cu in self._customers.values()
-                             if cu.next_change < math.inf]
+                self._due = [(cu.scheduled, cu.id) for cu in self._customers.values()
+                             if cu.scheduled < math.inf]
                 heapq.heapify(self._due)

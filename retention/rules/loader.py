@@ -445,13 +445,33 @@ class _Compiler:
                     bucket.append(rule)
         uses_customer = any(r.condition.customer_fields for r in rules) or any(
             r.condition is not None and r.condition.customer_fields for r in recognition)
+        # the event types a reward can count: `after` counts purchases only
+        def counted(rec: Recognition) -> frozenset[str] | None:
+            if rec.every is None:
+                types = rec.condition.event_types if rec.condition else None
+                return frozenset({"purchase"}) & types if types else frozenset({"purchase"})
+            assert rec.condition is not None
+            return rec.condition.event_types
+
+        rec_types = {rec.name: counted(rec) for rec in recognition}
+        rec_by_type: dict[str, list[Recognition]] = {
+            kind: [] for types in rec_types.values() for kind in (types or ())}
+        for rec in recognition:
+            for kind, bucket in rec_by_type.items():
+                if rec_types[rec.name] is None or kind in rec_types[rec.name]:
+                    bucket.append(rec)
+        conditions = [r.condition for r in rules] + [
+            r.condition for r in recognition if r.condition is not None]
+        uses_level = any("level" in c.customer_fields for c in conditions)
         return RuleSet(
             capital=capital, rules=tuple(rules), silence=silence, licence=licence,
             levels=tuple(levels), recognition=tuple(recognition), pressure=pressure,
             consent=consent, actions=actions, sources=sources,
             by_type={k: tuple(v) for k, v in by_type.items()},
             any_type=tuple(r for r in rules if r.condition.event_types is None),
-            uses_customer=uses_customer,
+            recognition_by_type={k: tuple(v) for k, v in rec_by_type.items()},
+            recognition_any=tuple(r for r in recognition if rec_types[r.name] is None),
+            uses_customer=uses_customer, uses_level=uses_level,
         )
 
     # each section ---------------------------------------------------------------------

@@ -82,6 +82,21 @@ class Rule:
     #: set when another rule recovers this one: the event field that links them
     recovered_by: tuple[str, ...] = ()
     description: str | None = None
+    #: the ledger's reason for this rule's points, written once
+    reason: str = attrs.field(init=False)
+    #: the compiled condition itself, one attribute away on the hot path
+    test: Any = attrs.field(init=False, repr=False, eq=False)
+
+    @test.default
+    def _test(self) -> Any:
+        return self.condition.function
+
+    @reason.default
+    def _reason(self) -> str:
+        if self.fade is not None and self.points < 0:
+            keep = f", {self.keep:.0%} kept" if self.keep else ""
+            return f"{self.name}: {self.points:g} points, {self.fade.describe()}{keep}"
+        return f"{self.name}: {self.points:+g} points"
 
 
 @attrs.frozen(kw_only=True)
@@ -140,7 +155,16 @@ class RuleSet:
     #: guard are in every list); built once by the loader
     by_type: Mapping[str, tuple[Rule, ...]] = attrs.field(factory=dict, repr=False)
     any_type: tuple[Rule, ...] = attrs.field(default=(), repr=False)
+    recognition_by_type: Mapping[str, tuple[Recognition, ...]] = attrs.field(
+        factory=dict, repr=False)
+    recognition_any: tuple[Recognition, ...] = attrs.field(default=(), repr=False)
     uses_customer: bool = False
+    uses_level: bool = False
+
+    def recognition_for(self, event_type: str) -> tuple[Recognition, ...]:
+        """Recognition rewards that can count an event of this type."""
+        found = self.recognition_by_type.get(event_type)
+        return self.recognition_any if found is None else found
 
     def rules_for(self, event_type: str) -> tuple[Rule, ...]:
         found = self.by_type.get(event_type)
