@@ -134,7 +134,8 @@ class CapitalState:
     last_contact: float
     clean_since: float
     steps: int = 0
-    penalties: list[Penalty] = attrs.Factory(list)
+    #: a tuple while empty (most of the time), so that it costs the collector nothing
+    penalties: list[Penalty] | tuple[()] = ()
 
 
 def clamp(value: float, low: float, high: float) -> float:
@@ -222,7 +223,7 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
             elif penalty.keep > 0:
                 state.balance = clamp(state.balance - penalty.points * penalty.keep,
                                       cap.min, cap.max)
-        state.penalties = keep
+        state.penalties = keep or ()
     return licence, silence
 
 
@@ -341,7 +342,7 @@ def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: i
 def level_transitions(
     state: CapitalState,
     rules: RuleSet,
-    armed: list[bool],
+    armed: bytearray,
     t_from: float,
     t_to: float,
     *,

@@ -80,22 +80,25 @@ class Customer:
     """One customer's state in the engine."""
 
     id: str
-    events: list[Event] = attrs.Factory(list)
+    #: the customer's events as plain rows (see ``_row``), in time order
+    events: list[tuple[Any, ...]] = attrs.Factory(list)
     state: CapitalState | None = None
-    armed: list[bool] = attrs.Factory(list)
-    fired: list[bool] = attrs.Factory(list)
+    armed: bytearray = attrs.Factory(bytearray)
+    fired: bytearray = attrs.Factory(bytearray)
     level_time: float = -math.inf
     horizon: float = -math.inf
     purchases: int = 0
     spent: float = 0.0
     consent: bool = True
-    counts: dict[str, int] = attrs.Factory(dict)
-    rewarded: set[str] = attrs.Factory(set)
-    windows: dict[str, deque[tuple[float, float]]] = attrs.Factory(dict)
-    repeats: dict[str, deque[float]] = attrs.Factory(dict)
-    taken: dict[tuple[str, Any], _Taken] = attrs.Factory(dict)
-    pressure: deque[float] = attrs.Factory(deque)
-    ledger: list[LedgerEntry] = attrs.Factory(list)
+    # bookkeeping the rules need, created on first use (most customers need little)
+    counts: dict[str, int] | None = None
+    rewarded: set[str] | None = None
+    windows: dict[str, deque[tuple[float, float]]] | None = None
+    repeats: dict[str, deque[float]] | None = None
+    taken: dict[tuple[str, Any], _Taken] | None = None
+    pressure: deque[float] | None = None
+    #: ledger entries as plain tuples (see ``_row``)
+    ledger: list[tuple[Any, ...]] = attrs.Factory(list)
     decisions: dict[str, Decision] = attrs.Factory(dict)
     next_change: float = math.inf
     #: the time of this customer's live entry in the tick queue
@@ -120,8 +123,20 @@ class Customer:
         return lowest.name if lowest else None
 
 
-def _order(event: Event) -> tuple[float, str, str]:
-    return (event.ts, event.id, event.source)
+def _row(event: Event) -> tuple[Any, ...]:
+    """An event as the engine keeps it: a plain tuple, ordered by (time, id, source).
+
+    Tuples of plain values (no dict, no instance inside) are not tracked by Python's
+    garbage collector, so a long history costs the collector nothing; attrs
+    instances or dicts would be scanned at every full collection.
+    """
+    return (event.ts, event.id, event.source, event.type, event.at,
+            tuple(event.props.items()))
+
+
+def _event_of(customer: str, row: tuple[Any, ...]) -> Event:
+    return Event(id=row[1], customer=customer, type=row[3], at=row[4], source=row[2],
+                 props=dict(row[5]))
 
 
 def _trigger(event: Event) -> str:
@@ -174,9 +189,9 @@ class Engine:
         if customer is None:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
         events = customer.events
-        if not events or (ev.ts >= customer.level_time and (
-                ev.ts > events[-1].ts or _order(ev) > _order(events[-1]))):
-            customer.events.append(ev)
+        row = _row(ev)
+        if not events or (ev.ts >= customer.level_time and row[:3] > events[-1][:3]):
+            events.append(row)
             before, after, ledger, decisions = self._apply(customer, ev)
         else:
             before, after, ledger, decisions = self._replay(customer, ev)
@@ -200,10 +215,10 @@ class Engine:
         if c is None:
             return None
         if at is None:
-            return None if c.state is None else capital_at(c.state, self._rules, c.events[-1].ts)
+            return None if c.state is None else capital_at(c.state, self._rules, c.events[-1][0])
         t = _moment(at)
-        if c.events and t < c.events[-1].ts:
-            c = self._rebuild(c.id, [e for e in c.events if e.ts <= t], horizon=-math.inf)[0]
+        if c.events and t < c.events[-1][0]:
+            c = self._rebuild(c.id, [r for r in c.events if r[0] <= t], horizon=-math.inf)[0]
         if c.state is None or t < c.state.opened_at:
             return None
         return capital_at(c.state, self._rules, t)
@@ -235,7 +250,7 @@ class Engine:
     def explain(self, customer: str) -> list[LedgerEntry]:
         """The whole ledger of one customer, in time order."""
         c = self._customers.get(customer)
-        return [] if c is None else list(c.ledger)
+        return [] if c is None else [LedgerEntry(*row) for row in c.ledger]
 
     def decisions(self, customer: str | None = None, *, status: str | None = None
                   ) -> list[Decision]:
@@ -290,8 +305,9 @@ class Engine:
                 return None, None, ledger, decisions
             state = c.state = CapitalState(balance=cap.initial, opened_at=t, last_contact=t,
                                            clean_since=t)
-            c.armed = [cap.initial >= lv.below for lv in rules.levels]
-            c.fired = [False] * len(rules.levels)
+            # bytearrays, not lists: one flag per level, invisible to the collector
+            c.armed = bytearray(cap.initial >= lv.below for lv in rules.levels)
+            c.fired = bytearray(len(rules.levels))
             c.level_time = t
             c.dirty = True
             self._calm(c)
@@ -349,7 +365,7 @@ class Engine:
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
-        c.ledger.extend(ledger)
+        c.ledger.extend(map(tuple, ledger))  # plain rows: see _row
         return before, after, ledger, decisions
 
     def _apply_rule(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
@@ -359,6 +375,8 @@ class Engine:
         points = rule.points
         note = ""
         if rule.repeat is not None:
+            if c.repeats is None:
+                c.repeats = {}
             window = c.repeats.get(rule.name)
             if window is None:
                 window = c.repeats[rule.name] = deque()
@@ -372,7 +390,7 @@ class Engine:
         applied = points
         if points < 0 and rule.fade is not None:
             penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
-            state.penalties.append(penalty)
+            state.penalties = [*state.penalties, penalty]
             reason = rule.reason + note if note else rule.reason
         elif points:
             old = state.balance
@@ -399,6 +417,8 @@ class Engine:
             self._recover(c, state, rule, ev, ledger)
 
     def _remember(self, c: Customer, key: tuple[str, Any], taken: _Taken) -> None:
+        if c.taken is None:
+            c.taken = {}
         if len(c.taken) >= 16:
             horizon = taken.at - self._recovery_window
             for stale in [k for k, v in c.taken.items() if v.at < horizon or v.recovered]:
@@ -410,7 +430,7 @@ class Engine:
         rec = rule.recovery
         t = ev.ts
         link = ev.get(rec.match)
-        taken = c.taken.get((rec.rule, link)) if link is not None else None
+        taken = c.taken.get((rec.rule, link)) if link is not None and c.taken else None
         if taken is None or taken.recovered or t - taken.at > rec.within:
             return
         taken.recovered = True
@@ -421,7 +441,7 @@ class Engine:
             refund = penalty.remaining(t) * rec.refund
             penalty.points *= 1.0 - rec.refund
             if penalty.points <= 0:
-                state.penalties = [p for p in state.penalties if p is not penalty]
+                state.penalties = [p for p in state.penalties if p is not penalty] or ()
             else:
                 penalty.reschedule()
         else:
@@ -452,15 +472,19 @@ class Engine:
                 assert rec.condition is not None
                 if not rec.condition.function(ev, ev.props, view):
                     continue
+                if c.counts is None:
+                    c.counts = {}
                 count = c.counts[rec.name] = c.counts.get(rec.name, 0) + 1
                 if count % rec.every == 0:
                     made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
                                              extra={"count": count}))
                 continue
-            if ev.type != PURCHASE or rec.name in c.rewarded:
+            if ev.type != PURCHASE or (c.rewarded is not None and rec.name in c.rewarded):
                 continue
             if rec.condition is not None and not rec.condition.function(ev, ev.props, view):
                 continue
+            if c.windows is None:
+                c.windows = {}
             window = c.windows.get(rec.name)
             if window is None:
                 window = c.windows[rec.name] = deque()
@@ -475,6 +499,8 @@ class Engine:
             total = sum(a for _, a in window)
             if (rec.purchases is not None and count >= rec.purchases) or (
                     rec.spent is not None and total >= rec.spent):
+                if c.rewarded is None:
+                    c.rewarded = set()
                 c.rewarded.add(rec.name)
                 del c.windows[rec.name]
                 made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
@@ -552,6 +578,8 @@ class Engine:
                 status, reason = SUPPRESSED, "consent"
             elif pressure is not None and action.kind in pressure.kinds:
                 window = c.pressure
+                if window is None:
+                    window = c.pressure = deque()
                 while window and window[0] <= t - pressure.per:
                     window.popleft()
                 if len(window) >= pressure.max:
@@ -571,17 +599,17 @@ class Engine:
 
     # -- replays and the schedule ----------------------------------------------------
 
-    def _rebuild(self, cid: str, events: Iterable[Event], *, horizon: float,
-                 watch: Event | None = None) -> tuple[Customer, tuple[Any, ...]]:
+    def _rebuild(self, cid: str, rows: Iterable[tuple[Any, ...]], *, horizon: float,
+                 watch: tuple[Any, ...] | None = None) -> tuple[Customer, tuple[Any, ...]]:
         """A customer recomputed from their events in time order, then brought to the
-        tick horizon they had; also returns what ``watch`` (one of them) did."""
+        tick horizon they had; also returns what ``watch`` (one of the rows) did."""
         fresh = Customer(id=cid)
         result: tuple[Any, ...] = (None, None, [], [])
-        for event in sorted(events, key=_order):
-            fresh.events.append(event)
-            outcome = self._apply(fresh, event)
+        for row in sorted(rows, key=lambda r: r[:3]):
+            fresh.events.append(row)
+            outcome = self._apply(fresh, _event_of(cid, row))
             self._plan(fresh)
-            if event is watch:
+            if row is watch:
                 result = outcome
         if horizon > fresh.level_time and fresh.state is not None:
             self._advance(fresh, horizon, include_end=True)
@@ -593,7 +621,8 @@ class Engine:
     def _replay(self, c: Customer, ev: Event
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         """A late event: recompute the customer from all their events, in time order."""
-        fresh, result = self._rebuild(c.id, [*c.events, ev], horizon=c.horizon, watch=ev)
+        row = _row(ev)
+        fresh, result = self._rebuild(c.id, [*c.events, row], horizon=c.horizon, watch=row)
         new = [d for did, d in fresh.decisions.items() if did not in c.decisions]
         for did, decision in c.decisions.items():
             fresh.decisions[did] = decision  # what was decided before stays as it was

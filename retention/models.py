@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -129,9 +129,12 @@ def _from_cloudevent(raw: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-@attrs.frozen(kw_only=True, slots=True)
-class LedgerEntry:
-    """A movement of capital, with the rule that caused it and a readable reason."""
+class LedgerEntry(NamedTuple):
+    """A movement of capital, with the rule that caused it and a readable reason.
+
+    An immutable named tuple rather than an attrs class: a customer's ledger grows
+    with every event, and tuples of plain values cost the garbage collector nothing.
+    """
 
     customer: str
     rule: str
@@ -142,15 +145,9 @@ class LedgerEntry:
     reason: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "customer": self.customer,
-            "rule": self.rule,
-            "points": self.points,
-            "at": self.at.isoformat(),
-            "event_id": self.event_id,
-            "category": self.category,
-            "reason": self.reason,
-        }
+        out = self._asdict()
+        out["at"] = self.at.isoformat()
+        return out
 
 
 #: Decision statuses of the engine; delivery adds ``sent`` and ``failed``.

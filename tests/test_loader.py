@@ -1,0 +1,158 @@
+"""Rule files: validated as a whole, every mistake at file:line:column, nothing half-loaded."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from retention import Engine, RuleFileError, load_rules, load_texts
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "rules"
+
+
+def problems(text, name="r.yaml"):
+    with pytest.raises(RuleFileError) as caught:
+        load_texts([(name, text)])
+    return [str(p) for p in caught.value.problems]
+
+
+def test_the_examples_load():
+    retail = load_rules(EXAMPLES / "retail.yaml")
+    assert {r.name for r in retail.rules} >= {"late_delivery", "billing_error", "complaint"}
+    assert [lv.name for lv in retail.levels] == ["watch", "rupture"]
+    assert load_rules(EXAMPLES / "kaufman.yaml").capital.initial == 150
+
+
+def test_every_mistake_is_reported_with_its_position():
+    text = (
+        "capital: {initial: 70, min: 0, max: 100}\n"          # 1
+        "rules:\n"                                              # 2
+        "  late:\n"                                             # 3
+        "    when: event.type == \"d\" and customer.capitl < 3\n"  # 4
+        "    pionts: -10\n"                                     # 5
+        "    fades_over: 30x\n"                                 # 6
+        "  r: {when: event.type == \"t\", recovers: lat, match: id, within: 7d}\n"  # 7
+        "levels:\n"                                             # 8
+        "  - {name: watch, below: 55, then: [flag_in_crn]}\n"  # 9
+        "actions:\n"                                            # 10
+        "  flag_in_crm: {kind: service, via: crm_tag}\n"       # 11
+    )
+    assert problems(text) == [
+        "r.yaml:4:33: customer.capitl is not a customer field (did you mean 'capital'?); "
+        "fields: capital, level, purchases, spent, days_since_contact, consent",
+        "r.yaml:5:5: unknown key 'pionts' in rule 'late' (did you mean 'points'?)",
+        "r.yaml:6:17: fades_over: expected a duration like 90d, 12h or 2w, got '30x'",
+        "r.yaml:7:42: unknown rule 'lat' (did you mean 'late'?)",
+        "r.yaml:9:37: unknown action 'flag_in_crn' (did you mean 'flag_in_crm'?); "
+        "declare it under actions: with its kind and via",
+    ]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("capital: {initial: 70, min: 100, max: 0}\n", "must be more than min"),
+    ("capital: {initial: 170}\n", "must lie between"),
+    ("rules:\n  a: {when: event.type == \"x\", points: 5, fades_over: 10d}\n",
+     "only negative points fade"),
+    ("rules:\n  a: {when: event.type == \"x\", points: -5, keep: 0.5}\n", "keep needs a fade"),
+    ("rules:\n  a: {when: event.type == \"x\", points: -5, fades_over: 1d, half_life: 2d}\n",
+     "choose one way to fade"),
+    ("rules:\n  a: {when: event.type == \"x\", points: -5, fades:}\n", "fades is empty"),
+    ("rules:\n  a: {when: event.type == \"x\", points: -5, category: incidnt}\n",
+     "did you mean 'incident'"),
+    ("rules:\n  a: {points: 5}\n", "needs 'when'"),
+    ("rules:\n  a: {when: event.type == \"x\", match: id}\n", "only makes sense with recovers"),
+    ("rules:\n  a: {when: event.type == \"x\", points: 3}\n  b: {when: event.type == \"y\", "
+     "recovers: a, match: id, within: 2d}\n", "takes no points"),
+    ("rules:\n  a: {pattern: [{when: event.type == \"x\"}], points: -3}\n",
+     "pattern rules are not available"),
+    ("levels:\n  - {name: w, below: 10, holdout: 1}\n", "holdout must be less than 1"),
+    ("levels:\n  - {name: w, below: 10}\n  - {name: w, below: 5}\n", "defined twice"),
+    ("recognition:\n  r: {every: 2, when: event.type == \"p\", then: []}\n",
+     "needs then: [at least one action]"),
+    ("recognition:\n  r: {every: 2, after: {purchases: 3}, then: [a]}\nactions:\n"
+     "  a: {kind: service, via: x}\n", "exactly one of every"),
+    ("actions:\n  a: {kind: servise, via: x}\n", "did you mean 'service'"),
+    ("actions:\n  a: {kind: marketing}\n", "needs 'via'"),
+    ("pressure: {max: 2, per: 7d, kinds: []}\n", "needs at least one name"),
+    ("licence: {clean_for: 30d, points: 5, up_to: 500}\n", "must lie between"),
+    ("silence: {after: 10d, rate_per_day: -1}\n", "must be at least 0"),
+    ("rules:\n  a: {when: event.type == \"x\"}\nrecognition:\n  a: {every: 1, "
+     "when: event.type == \"x\", then: [b]}\nactions:\n  b: {kind: in_purchase}\n",
+     "already the name of a rule"),
+    ("capitl: {}\n", "did you mean 'capital'"),
+    ("rules: [1, 2]\n", "rules must be a mapping"),
+    ("- just a list\n", "a rule file is a mapping"),
+    ("rules:\n  a: {when: 'x\n", "invalid YAML"),
+    ("rules:\n  a: {when: event.type == \"x\"}\n  a: {when: event.type == \"y\"}\n",
+     "duplicate key 'a'"),
+])
+def test_mistakes(text, message):
+    found = problems(text)
+    assert any(message in p for p in found), found
+
+
+def test_folders_merge_in_name_order_and_refuse_duplicates(tmp_path):
+    (tmp_path / "10-base.yaml").write_text(
+        "capital: {initial: 50, min: 0, max: 100}\nrules:\n  a: {when: event.type == \"x\", "
+        "points: 1}\nactions:\n  tag: {kind: service, via: crm}\n")
+    (tmp_path / "20-more.yaml").write_text(
+        "rules:\n  b: {when: event.type == \"y\", points: -1, then: [tag]}\n")
+    rules = load_rules(tmp_path)
+    assert [r.name for r in rules.rules] == ["a", "b"]
+    (tmp_path / "30-dup.yaml").write_text(
+        "capital: {initial: 60}\nrules:\n  a: {when: event.type == \"z\", points: 2}\n")
+    with pytest.raises(RuleFileError) as caught:
+        load_rules(tmp_path)
+    text = str(caught.value)
+    assert "30-dup.yaml:1:1: 'capital' is already set in" in text
+    assert "30-dup.yaml:3:3: rule 'a' is already defined in" in text
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(RuleFileError, match="no such file"):
+        load_rules(tmp_path / "nope.yaml")
+    with pytest.raises(RuleFileError, match=r"no rule files \(\*.yaml\)"):
+        load_rules(tmp_path)
+
+
+def test_a_broken_file_changes_nothing_in_a_running_engine(tmp_path):
+    engine = Engine.from_path(EXAMPLES / "retail.yaml")
+    engine.process({"id": "p", "customer": "c", "type": "purchase",
+                    "at": "2026-01-01T00:00:00Z", "amount": 10})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("rules:\n  a: {when: event.type == , points: 1}\n")
+    before = engine.rules
+    with pytest.raises(RuleFileError):
+        engine.use_rules(broken)
+    assert engine.rules is before
+    assert engine.capital("c") == 72
+
+
+KEYS = st.sampled_from(["capital", "rules", "levels", "silence", "licence", "pressure",
+                        "recognition", "actions", "when", "points", "below", "then", "x"])
+SCALARS = st.one_of(st.integers(-5, 200), st.text(max_size=12), st.booleans(), st.none(),
+                    st.sampled_from(["30d", "5%", 'event.type == "x"', "[", "{", ":"]))
+TREES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(KEYS, inner, max_size=4)), max_leaves=12)
+
+
+@given(TREES)
+def test_generated_rule_files_load_or_fail_clearly(tree):
+    import yaml
+
+    text = yaml.safe_dump(tree) if not isinstance(tree, str) else tree
+    try:
+        load_texts([("gen.yaml", text)])
+    except RuleFileError as exc:
+        assert exc.problems
+        for problem in exc.problems:
+            assert problem.line >= 1 and problem.column >= 1 and problem.message
+
+
+@given(st.text(max_size=80))
+def test_any_text_loads_or_fails_clearly(text):
+    try:
+        load_texts([("gen.yaml", text)])
+    except RuleFileError as exc:
+        assert exc.problems
