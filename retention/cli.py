@@ -150,3 +150,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def main() -> None:  # pragma: no cover - the console script
     cli()
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m retention.cli
+    cli()
