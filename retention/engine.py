@@ -9,6 +9,7 @@ from their events, and the result is the same as if it had come in order.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import heapq
 import math
@@ -205,9 +206,23 @@ class Engine:
         return Outcome(event=ev, capital_before=before, capital_after=after,
                        ledger=tuple(ledger), decisions=tuple(decisions))
 
-    def process_many(self, events: Iterable[Mapping[str, Any] | Event]) -> Iterator[Outcome]:
-        for event in events:
-            yield self.process(event)
+    def process_many(self, events: Iterable[Mapping[str, Any] | Event],
+                     *, source: str = "") -> list[Outcome]:
+        """Process a batch of events in order; returns their outcomes.
+
+        Python's cycle collector is paused during the batch and runs once after it:
+        the engine makes no reference cycles, and a collector that rescans a large,
+        growing state every few thousand events costs a bulk load more than the
+        processing itself. A bad event raises EventError; the outcomes of the
+        events before it are kept in the engine, as with ``process``.
+        """
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return [self.process(event, source=source) for event in events]
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def capital(self, customer: str, at: str | datetime | None = None) -> float | None:
         """Capital of a customer at a time (default: their latest event); None if not open."""
