@@ -66,6 +66,10 @@ class Event:
         CloudEvents envelope (``time`` for ``at``, properties under ``data``, the
         customer as ``subject`` or ``data.customer``).
         """
+        if type(raw) is dict and "specversion" not in raw:
+            fast = _checked(raw, source)
+            if fast is not None:
+                return fast
         if isinstance(raw, Event):
             return raw
         if not isinstance(raw, Mapping):
@@ -109,6 +113,40 @@ class Event:
             out["source"] = self.source
         out.update(self.props)
         return out
+
+
+_new_event = object.__new__
+_set = object.__setattr__
+
+
+def _checked(raw: dict[str, Any], source: str) -> Event | None:
+    """The common case, checked quickly: string id, customer, type and an ISO time
+    with a zone. Anything else returns None and takes the full path, which names
+    the problem precisely."""
+    event_id, customer, kind, when = raw.get("id"), raw.get("customer"), raw.get("type"), \
+        raw.get("at")
+    if not (type(event_id) is str and event_id and type(customer) is str and customer
+            and type(kind) is str and kind and type(when) is str):
+        return None
+    try:
+        at = datetime.fromisoformat(when)
+    except ValueError:
+        return None
+    if at.tzinfo is None:
+        return None
+    src = raw.get("source") or source
+    if type(src) is not str:
+        return None
+    event = _new_event(Event)
+    # the same fields Event.__init__ would set, already checked above
+    _set(event, "id", event_id)
+    _set(event, "customer", customer)
+    _set(event, "type", kind)
+    _set(event, "at", at)
+    _set(event, "source", src)
+    _set(event, "props", {k: v for k, v in raw.items() if k not in CORE_FIELDS})
+    _set(event, "ts", at.timestamp())
+    return event
 
 
 def _from_cloudevent(raw: Mapping[str, Any]) -> dict[str, Any]:
