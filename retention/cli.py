@@ -71,6 +71,12 @@ def run(rules_path: Path, now: str | None, dead_letter: Path | None, as_json: bo
         for problem in exc.problems:
             click.echo(str(problem), err=True)
         sys.exit(1)
+    end = None
+    if now is not None:
+        try:
+            end = parse_instant(now)
+        except TimeFormatError as exc:
+            raise click.BadParameter(str(exc), param_hint="--now") from None
     name = getattr(events, "name", "<stdin>")
     counts: Counter[str] = Counter()
     bad: list[dict[str, Any]] = []
@@ -92,13 +98,8 @@ def run(rules_path: Path, now: str | None, dead_letter: Path | None, as_json: bo
         with dead_letter.open("a", encoding="utf-8") as out:
             for entry in bad:
                 out.write(json.dumps(entry) + "\n")
-    if now is not None:
-        try:
-            end = parse_instant(now)
-        except TimeFormatError as exc:
-            raise click.BadParameter(str(exc), param_hint="--now") from None
-    else:
-        end = from_seconds(latest) if latest is not None else None
+    if end is None and latest is not None:
+        end = from_seconds(latest)
     if end is not None:
         engine.tick(end)
     summary = _summary(engine, counts, end)

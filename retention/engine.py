@@ -397,9 +397,12 @@ class Engine:
                 window = c.repeats[rule.name] = deque()
             while window and window[0] < t - rule.repeat.within:
                 window.popleft()
-            if window:
-                points *= rule.repeat.factor ** len(window)
-                note = f", repeat #{len(window) + 1} (x{rule.repeat.factor ** len(window):g})"
+            earlier = len(window)  # matches in [t - W, t): not those at this same instant
+            while earlier and window[earlier - 1] >= t:
+                earlier -= 1
+            if earlier:
+                points *= rule.repeat.factor ** earlier
+                note = f", repeat #{earlier + 1} (x{rule.repeat.factor ** earlier:g})"
             window.append(t)
         penalty = None
         applied = points

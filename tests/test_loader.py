@@ -156,3 +156,7 @@ def test_any_text_loads_or_fails_clearly(text):
         load_texts([("gen.yaml", text)])
     except RuleFileError as exc:
         assert exc.problems
+
+
+def test_an_empty_levels_key_is_an_error():
+    assert any("levels is empty" in p for p in problems("levels:\n"))

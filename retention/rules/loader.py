@@ -408,8 +408,12 @@ class _Compiler:
                         continue
                     where = f"{_SINGULAR[key]} {name!r}"
                     self.named[key].append((name, _Section(self.v, file, body, where)))
-            levels = data.get("levels")
+            if "levels" not in data:
+                continue
+            levels = data["levels"]
             if levels is None:
+                top.error("levels", "levels is empty; give a list or remove the key",
+                          at_key=True)
                 continue
             if not isinstance(levels, LList):
                 top.error("levels", "levels must be a list like - {name: watch, below: 55}")
