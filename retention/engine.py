@@ -191,7 +191,9 @@ class Engine:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
         events = customer.events
         row = _row(ev)
-        if not events or (ev.ts >= customer.level_time and row[:3] > events[-1][:3]):
+        last = events[-1] if events else None
+        if last is None or (ev.ts >= customer.level_time and (
+                ev.ts > last[0] or row[:3] > last[:3])):
             events.append(row)
             before, after, ledger, decisions = self._apply(customer, ev)
         else:
