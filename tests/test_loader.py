@@ -160,3 +160,36 @@ def test_any_text_loads_or_fails_clearly(text):
 
 def test_an_empty_levels_key_is_an_error():
     assert any("levels is empty" in p for p in problems("levels:\n"))
+
+
+def test_the_json_schema_names_exactly_the_keys_the_loader_accepts():
+    import json
+
+    from retention.rules.loader import KEYS, TOP_KEYS
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "retention" / "rules"
+                         / "schema.json").read_text())
+    defs = schema["$defs"]
+    props = schema["properties"]
+    found = {
+        "capital": props["capital"]["properties"],
+        "rule": defs["rule"]["properties"],
+        "fades": defs["rule"]["properties"]["fades"]["properties"],
+        "repeat": defs["rule"]["properties"]["repeat"]["properties"],
+        "level": defs["level"]["properties"],
+        "recognition": defs["recognition"]["properties"],
+        "after": defs["recognition"]["properties"]["after"]["properties"],
+        "silence": props["silence"]["properties"],
+        "licence": props["licence"]["properties"],
+        "pressure": props["pressure"]["properties"],
+        "consent": props["consent"]["properties"],
+        "action": defs["action"]["properties"],
+    }
+    assert {k: sorted(v) for k, v in found.items()} == {k: sorted(v) for k, v in KEYS.items()}
+    assert sorted(props) == sorted(TOP_KEYS)
+
+
+def test_the_schema_is_shipped_with_the_package():
+    from importlib.resources import files
+
+    assert (files("retention.rules") / "schema.json").is_file()

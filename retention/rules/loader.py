@@ -46,6 +46,23 @@ Pos = tuple[int, int]
 
 TOP_KEYS = ("capital", "rules", "silence", "licence", "levels", "recognition", "pressure",
             "consent", "actions", "description")
+#: The keys each mapping of a rule file may hold (the JSON Schema mirrors them).
+KEYS: dict[str, tuple[str, ...]] = {
+    "capital": ("initial", "min", "max", "opens_on"),
+    "rule": ("when", "points", "fades_over", "half_life", "fades", "keep", "repeat",
+             "category", "then", "recovers", "match", "within", "refund", "bonus",
+             "description", "pattern"),
+    "fades": ("rate", "per"),
+    "repeat": ("within", "factor"),
+    "level": ("name", "below", "rearm", "then", "holdout", "description"),
+    "recognition": ("every", "when", "after", "then", "description"),
+    "after": ("purchases", "or_spent", "within"),
+    "silence": ("after", "rate_per_day", "contacts"),
+    "licence": ("clean_for", "points", "up_to"),
+    "pressure": ("max", "per", "kinds"),
+    "consent": ("withdraw_on", "restore_on"),
+    "action": ("kind", "via", "template", "params", "description"),
+}
 _SINGULAR = {"rules": "rule", "recognition": "recognition", "actions": "action"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
 
@@ -484,7 +501,7 @@ class _Compiler:
         s = self.single.get("capital")
         if s is None:
             return CapitalConfig()
-        s.only(("initial", "min", "max", "opens_on"))
+        s.only(KEYS["capital"])
         low = s.number("min", 0.0)
         high = s.number("max", 100.0)
         initial = s.number("initial", 70.0)
@@ -538,7 +555,7 @@ class _Compiler:
         self.broken_actions: set[str] = set()
         actions = {}
         for name, s in self.named["actions"]:
-            s.only(("kind", "via", "template", "params", "description"))
+            s.only(KEYS["action"])
             kind = s.text("kind", required=True)
             if kind is not None and kind not in ACTION_KINDS:
                 s.error("kind", f"unknown kind {kind!r}{_suggest(kind, ACTION_KINDS)}; "
@@ -577,7 +594,7 @@ class _Compiler:
         inner = s.mapping("fades", "fades")
         if inner is None:
             return None
-        inner.only(("rate", "per"))
+        inner.only(KEYS["fades"])
         if "rate" not in inner.m:
             inner.error(None, "fades needs a rate, like {rate: 5%, per: 30d}")
             return None
@@ -597,9 +614,7 @@ class _Compiler:
         recovered: dict[str, list[str]] = {}
         rules: list[Rule] = []
         for name, s in self.named["rules"]:
-            s.only(("when", "points", "fades_over", "half_life", "fades", "keep", "repeat",
-                    "category", "then", "recovers", "match", "within", "refund", "bonus",
-                    "description", "pattern"))
+            s.only(KEYS["rule"])
             if "pattern" in s.m:
                 s.error("pattern", "multi-event pattern rules are not available in this "
                                    "version yet; write a single-event rule with 'when'",
@@ -621,7 +636,7 @@ class _Compiler:
             repeat = None
             inner = s.mapping("repeat", "repeat")
             if inner is not None:
-                inner.only(("within", "factor"))
+                inner.only(KEYS["repeat"])
                 within = inner.duration("within", required=True)
                 factor = inner.number("factor", required=True, low=0.0, strict_low=True)
                 if within and factor:
@@ -674,7 +689,7 @@ class _Compiler:
         seen: set[str] = set()
         recognition = {name for name, _ in self.named["recognition"]}
         for s, _ in self.levels:
-            s.only(("name", "below", "rearm", "then", "holdout", "description"))
+            s.only(KEYS["level"])
             name = s.text("name", required=True)
             if name is not None:
                 if name in seen:
@@ -697,7 +712,7 @@ class _Compiler:
     def _recognition(self, actions: dict[str, Action]) -> list[Recognition]:
         out = []
         for name, s in self.named["recognition"]:
-            s.only(("every", "when", "after", "then", "description"))
+            s.only(KEYS["recognition"])
             then = self._then(s, actions)
             if not s.m.get("then"):
                 s.error("then" if "then" in s.m else None,
@@ -718,7 +733,7 @@ class _Compiler:
             inner = s.mapping("after", "after")
             if inner is None:
                 continue
-            inner.only(("purchases", "or_spent", "within"))
+            inner.only(KEYS["after"])
             purchases = inner.integer("purchases", low=1)
             spent = inner.number("or_spent", low=0.0, strict_low=True)
             within = inner.duration("within")
@@ -734,7 +749,7 @@ class _Compiler:
         s = self.single.get("silence")
         if s is None:
             return None
-        s.only(("after", "rate_per_day", "contacts"))
+        s.only(KEYS["silence"])
         after = s.duration("after", required=True)
         rate = s.number("rate_per_day", required=True, low=0.0)
         contacts = s.names("contacts")
@@ -746,7 +761,7 @@ class _Compiler:
         s = self.single.get("licence")
         if s is None:
             return None
-        s.only(("clean_for", "points", "up_to"))
+        s.only(KEYS["licence"])
         clean = s.duration("clean_for", required=True)
         points = s.number("points", required=True, low=0.0, strict_low=True)
         up_to = s.number("up_to", capital.initial)
@@ -762,7 +777,7 @@ class _Compiler:
         s = self.single.get("pressure")
         if s is None:
             return None
-        s.only(("max", "per", "kinds"))
+        s.only(KEYS["pressure"])
         most = s.integer("max", low=0, required=True)
         per = s.duration("per", required=True)
         kinds = s.names("kinds") or frozenset({"marketing"})
@@ -776,7 +791,7 @@ class _Compiler:
         s = self.single.get("consent")
         if s is None:
             return Consent()
-        s.only(("withdraw_on", "restore_on"))
+        s.only(KEYS["consent"])
         withdraw = s.names("withdraw_on") or frozenset({"unsubscribe"})
         restore = s.names("restore_on") or frozenset({"subscribe"})
         both = withdraw & restore
