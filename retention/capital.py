@@ -201,19 +201,23 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
     """Step 2 of processing: bank the licence, the silence drain (at a contact) and
     penalties that no longer change (a faded one is dropped, one at its keep floor
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
-    and the silence drain banked."""
+    and the silence drain banked (what the bounds let through)."""
     cap = rules.capital
     licence = 0.0
     if rules.licence is not None:
-        licence, state.steps = licence_due(state, rules, t)
-        if licence:
-            state.balance = clamp(state.balance + licence, cap.min, cap.max)
+        owed, state.steps = licence_due(state, rules, t)
+        if owed:
+            old = state.balance
+            state.balance = clamp(old + owed, cap.min, cap.max)
+            licence = state.balance - old
     silence = 0.0
     if contact:
         if rules.silence is not None:
-            silence = silence_due(state, rules, t)
-            if silence:
-                state.balance = clamp(state.balance - silence, cap.min, cap.max)
+            drain = silence_due(state, rules, t)
+            if drain:
+                old = state.balance
+                state.balance = clamp(old - drain, cap.min, cap.max)
+                silence = old - state.balance
         state.last_contact = t
     if state.penalties:
         keep: list[Penalty] = []
@@ -451,9 +455,10 @@ def next_level_change(
         if highest > rules.capital.min:
             days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
             fire = state.last_contact + days * DAY
-            # the first candidate millisecond after t (transitions up to t are applied)
-            fire_ms = max(math.ceil(fire * 1000.0), math.floor(t * 1000.0) + 1)
-            due = min(due, fire_ms / 1000.0)
+            if fire < 1e15:  # else never, as far as floats can tell (a tiny drain)
+                # the first candidate millisecond after t (transitions up to t are applied)
+                fire_ms = max(math.ceil(fire * 1000.0), math.floor(t * 1000.0) + 1)
+                due = min(due, fire_ms / 1000.0)
     if not all_armed and state.penalties:
         due = min(due, _earliest_rearm(state, rules, rearm_at, t, base, remembered, due))
     return min(step, due), due
@@ -504,5 +509,7 @@ def _earliest_rearm(state: CapitalState, rules: RuleSet, target: float, t: float
             return math.inf
         # a trace is forgotten at settles_at even if its fade never reaches zero
         when = max(when, min(penalty.t0 + penalty.fade.reaches(share), penalty.settles_at))
+    if not when < 1e15:
+        return math.inf
     when = max(math.floor(when * 1000.0), math.floor(t * 1000.0) + 1) / 1000.0
     return when if when < until else math.inf

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
+import json
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -38,6 +39,10 @@ from .rules.model import ActionRef, RuleSet
 from .times import DAY, TimeFormatError, format_instant, from_seconds, parse_instant
 
 PURCHASE = "purchase"
+
+#: repeat escalation stops growing here: far beyond any capital range, yet finite
+_MAX_MULTIPLIER = 1e12
+_MAX_POINTS = 1e15
 
 
 def decision_id(customer: str, cause: str, trigger: str, action: str) -> str:
@@ -124,6 +129,13 @@ class Customer:
         return lowest.name if lowest else None
 
 
+def _link(value: Any) -> Any:
+    """A field value that links a recovery to its incident, made hashable."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _row(event: Event) -> tuple[Any, ...]:
     """An event as the engine keeps it: a plain tuple, ordered by (time, id, source).
 
@@ -185,7 +197,6 @@ class Engine:
         key = (ev.source, ev.id)
         if key in self._seen:
             return Outcome(event=ev, capital_before=None, capital_after=None, duplicate=True)
-        self._seen.add(key)
         customer = self._customers.get(ev.customer)
         if customer is None:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
@@ -195,15 +206,21 @@ class Engine:
         if last is None or (ev.ts >= customer.level_time and (
                 ev.ts > last[0] or row[:3] > last[:3])):
             events.append(row)
-            before, after, ledger, decisions = self._apply(customer, ev)
+            try:
+                before, after, ledger, decisions = self._apply(customer, ev)
+            except BaseException:
+                self._undo(customer)  # an event is applied whole or not at all
+                raise
         else:
             before, after, ledger, decisions = self._replay(customer, ev)
             customer = self._customers[ev.customer]
             customer.dirty = True
+        self._seen.add(key)
         # An event that moved no points leaves future capital at or above what was
         # foreseen, so a still-future schedule stays a valid (early) one, unless a
         # level waits to re-arm, which a higher capital could bring sooner.
-        if customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < math.inf:
+        if (customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < math.inf
+                or customer.scheduled <= ev.ts):
             self._schedule(customer)
         return Outcome(event=ev, capital_before=before, capital_after=after,
                        ledger=tuple(ledger), decisions=tuple(decisions))
@@ -254,11 +271,13 @@ class Engine:
         while due and due[0][0] <= t:
             when, cid = heapq.heappop(due)
             customer = self._customers[cid]
-            if customer.scheduled != when or customer.level_time >= t:
-                continue  # superseded by a later schedule, or already visited
-            made.extend(self._advance(customer, t, include_end=True))
-            customer.level_time = t
-            customer.horizon = max(customer.horizon, t)
+            if customer.scheduled != when:
+                continue  # superseded by another schedule
+            if customer.level_time < t:
+                made.extend(self._advance(customer, t, include_end=True))
+                customer.level_time = t
+                customer.horizon = max(customer.horizon, t)
+            # (a customer whose events already went past `now` is only re-planned)
             customer.scheduled = math.inf
             self._schedule(customer)
         made.sort(key=lambda d: (d.at, d.id))
@@ -308,14 +327,17 @@ class Engine:
                ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         rules = self._rules
         t = ev.ts
+        state = c.state
+        ledger: list[LedgerEntry] = []
+        decisions: list[Decision] = []
+        if state is not None and t > c.levels_due:
+            # what time did before this event, judged with the consent of that time
+            decisions.extend(self._advance(c, t, include_end=False))
         consent_before = c.consent
         if ev.type in rules.consent.withdraw_on:
             c.consent = False
         elif ev.type in rules.consent.restore_on:
             c.consent = True
-        state = c.state
-        ledger: list[LedgerEntry] = []
-        decisions: list[Decision] = []
         cap = rules.capital
         if state is None:
             if ev.type not in cap.opens_on:
@@ -335,8 +357,6 @@ class Engine:
             before = None
             days_idle: float | None = 0.0
         else:
-            if t > c.levels_due:
-                decisions.extend(self._advance(c, t, include_end=False))
             days_idle = (t - state.last_contact) / DAY
             contacts = rules.silence.contacts if rules.silence else None
             licence, silence = settle(state, rules, t, contacts is None or ev.type in contacts)
@@ -403,8 +423,12 @@ class Engine:
             while earlier and window[earlier - 1] >= t:
                 earlier -= 1
             if earlier:
-                points *= rule.repeat.factor ** earlier
-                note = f", repeat #{earlier + 1} (x{rule.repeat.factor ** earlier:g})"
+                try:
+                    multiplier = min(rule.repeat.factor ** earlier, _MAX_MULTIPLIER)
+                except OverflowError:
+                    multiplier = _MAX_MULTIPLIER
+                points = max(-_MAX_POINTS, min(_MAX_POINTS, points * multiplier))
+                note = f", repeat #{earlier + 1} (x{multiplier:g})"
             window.append(t)
         penalty = None
         applied = points
@@ -426,7 +450,7 @@ class Engine:
             state.clean_since = t
             state.steps = 0
             for field in rule.recovered_by:
-                link = ev.get(field)
+                link = _link(ev.get(field))
                 if link is not None:
                     self._remember(c, (rule.name, link),
                                    _Taken(at=t, penalty=penalty, permanent=-applied))
@@ -449,7 +473,7 @@ class Engine:
                  ledger: list[LedgerEntry]) -> None:
         rec = rule.recovery
         t = ev.ts
-        link = ev.get(rec.match)
+        link = _link(ev.get(rec.match))
         taken = c.taken.get((rec.rule, link)) if link is not None and c.taken else None
         if taken is None or taken.recovered or t - taken.at > rec.within:
             return
@@ -650,6 +674,17 @@ class Engine:
         self._customers[c.id] = fresh
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
+
+    def _undo(self, c: Customer) -> None:
+        """Forget the event just appended to ``c`` and everything it half did."""
+        c.events.pop()
+        if not c.events:
+            del self._customers[c.id]
+            return
+        fresh = self._rebuild(c.id, c.events, horizon=c.horizon)[0]
+        fresh.decisions.update(c.decisions)
+        fresh.scheduled = c.scheduled
+        self._customers[c.id] = fresh
 
     def _plan(self, c: Customer) -> None:
         """Recompute when, with no new event, something could next change for ``c``."""

@@ -10,6 +10,8 @@ import re
 from datetime import UTC, datetime, timedelta
 
 DAY = 86400.0
+#: durations longer than this are refused: no retention rule needs them
+MAX_DURATION = 100 * 365 * DAY
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
@@ -52,7 +54,10 @@ def parse_duration(value: object) -> float:
     match = _DURATION.match(value)
     if not match:
         raise TimeFormatError(f"expected a duration like 90d, 12h or 2w, got {value!r}")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if not seconds <= MAX_DURATION:
+        raise TimeFormatError(f"{value!r} is longer than 100 years")
+    return seconds
 
 
 def format_instant(seconds: float) -> str:

@@ -51,6 +51,11 @@ def check(source, props=None, customer=CUSTOMER):
     ("event.note == null", {"note": None}, True),
     ("event.note == null", {}, False),
     ("event.x % 2 == 1 or event.y // 2 == 3", {"x": 4, "y": 7}, True),
+    ("-event.a < 0", {"a": 3}, True),
+    ("-event.a < 0", {"a": "3"}, False),
+    ('event.qty * event.unit > 10', {"qty": "x", "unit": 400_000_000}, False),
+    ('event.a + event.b == "xy"', {"a": "x", "b": "y"}, False),
+    ("event.flag + 1 == 2", {"flag": True}, False),
 ])
 def test_evaluation(source, props, expected):
     assert check(source, props) is expected

@@ -30,6 +30,9 @@ import attrs
 #: The fields of ``customer.*`` a condition can read (as they were before the event).
 CUSTOMER_FIELDS = ("capital", "level", "purchases", "spent", "days_since_contact", "consent")
 
+#: Longer conditions are refused (they belong in several rules).
+MAX_LENGTH = 2000
+
 #: The fields every event has, read as attributes of the event.
 EVENT_CORE = ("id", "customer", "type", "at", "source")
 
@@ -103,11 +106,28 @@ class ExpressionError(ValueError):
         self.column = column
 
 
+_NUMBERS = (int, float)
+
+
+def _numeric(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """Arithmetic on numbers only: ``"ab" * 10**9`` must not build a string."""
+    def apply(left: Any, right: Any) -> Any:
+        if type(left) in _NUMBERS and type(right) in _NUMBERS:
+            return op(left, right)
+        return MISSING
+    return apply
+
+
 _LITERAL_NAMES = {"true": True, "false": False, "True": True, "False": False,
                   "none": None, "null": None, "None": None}
 _BINOPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-    ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+    kind: _numeric(op) for kind, op in (
+        (ast.Add, operator.add), (ast.Sub, operator.sub), (ast.Mult, operator.mul),
+        (ast.Div, operator.truediv), (ast.FloorDiv, operator.floordiv),
+        (ast.Mod, operator.mod))
+}
+_UNARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.USub: _numeric(lambda value, _: -value), ast.UAdd: _numeric(lambda value, _: +value),
 }
 
 
@@ -166,16 +186,22 @@ def compile_condition(source: str) -> Condition:
     """Check ``source`` against the whitelist and compile it; raises ExpressionError."""
     if not isinstance(source, str) or not source.strip():
         raise ExpressionError("a condition must be a non-empty expression")
+    if len(source) > MAX_LENGTH:
+        raise ExpressionError(f"a condition is limited to {MAX_LENGTH:,} characters")
     try:
         tree = ast.parse(source.strip(), mode="eval")
+        customer_fields: set[str] = set()
+        checked = _Checker(customer_fields).visit(tree.body)
+        functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
+        function = _build(checked, source, functions)
     except SyntaxError as exc:
         raise ExpressionError(
             f"invalid condition: {exc.msg}", exc.lineno or 1, exc.offset or 1
         ) from None
-    customer_fields: set[str] = set()
-    checked = _Checker(customer_fields).visit(tree.body)
-    functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
-    function = _build(checked, source, functions)
+    except ExpressionError:
+        raise
+    except (RecursionError, MemoryError, ValueError, OverflowError):
+        raise ExpressionError("condition too complex: nested too deeply") from None
     return Condition(
         source=source,
         function=function,
@@ -331,6 +357,16 @@ class _Lowering(ast.NodeTransformer):
             func=ast.Attribute(value=ast.Name("pr", ast.Load()), attr="get", ctx=ast.Load()),
             args=[ast.Constant(node.attr), ast.Name("_MISSING", ast.Load())], keywords=[])
 
+    def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
+        return ast.Call(func=ast.Name("_op_" + type(node.op).__name__, ast.Load()),
+                        args=[self.visit(node.left), self.visit(node.right)], keywords=[])
+
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.expr:
+        if isinstance(node.op, ast.Not):
+            return ast.UnaryOp(op=node.op, operand=self.visit(node.operand))
+        return ast.Call(func=ast.Name("_op_" + type(node.op).__name__, ast.Load()),
+                        args=[self.visit(node.operand), ast.Constant(0)], keywords=[])
+
     def visit_Constant(self, node: ast.Constant) -> ast.expr:
         if isinstance(node.value, frozenset | tuple):
             name = f"_k{len(self.constants)}"
@@ -400,6 +436,7 @@ def _build(tree: ast.expr, source: str, functions: dict[str, Callable[..., Any]]
     namespace: dict[str, Any] = {
         "__builtins__": {"Exception": Exception},
         "_MISSING": MISSING,
+        **{"_op_" + kind.__name__: op for kind, op in (*_BINOPS.items(), *_UNARY.items())},
         "_in": _in,
         "_not_in": _not_in,
         "_slow": lambda ev, pr, cu: bool(_interpret(tree, ev, pr, cu, functions)),
@@ -436,12 +473,7 @@ def _interpret(node: ast.expr, ev: Any, pr: Any, cu: Any,
         operand = _interpret(node.operand, ev, pr, cu, fns)  # type: ignore[attr-defined]
         if isinstance(node.op, ast.Not):  # type: ignore[attr-defined]
             return not operand
-        if operand is MISSING:
-            return MISSING
-        try:
-            return -operand if isinstance(node.op, ast.USub) else +operand  # type: ignore[attr-defined]
-        except Exception:
-            return MISSING
+        return _UNARY[type(node.op)](operand, 0)  # type: ignore[attr-defined]
     if kind is ast.BinOp:
         left = _interpret(node.left, ev, pr, cu, fns)  # type: ignore[attr-defined]
         right = _interpret(node.right, ev, pr, cu, fns)  # type: ignore[attr-defined]

@@ -98,13 +98,25 @@ def _text_offset(node: yaml.Node) -> int | None:
     return 1 if node.style in ("'", '"') else 0
 
 
+#: nodes a rule file may expand to (aliases can multiply a small text enormously)
+MAX_NODES = 100_000
+
+
+class _TooBig(Exception):
+    pass
+
+
 class _Builder:
     def __init__(self, file: str, problems: list[RuleProblem]):
         self.file = file
         self.problems = problems
         self.constructor = yaml.SafeLoader("")
+        self.built = 0
 
     def build(self, node: yaml.Node) -> Any:
+        self.built += 1
+        if self.built > MAX_NODES:
+            raise _TooBig
         if isinstance(node, yaml.MappingNode):
             out = LMap()
             out.pos, out.key_pos, out.val_pos, out.val_offset = _mark(node), {}, {}, {}
@@ -139,6 +151,10 @@ class _Builder:
 def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:
+        problems.append(RuleProblem(file=file, line=1, column=1,
+                                    message="invalid YAML: nested too deeply"))
+        return None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -157,6 +173,15 @@ def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
         data = _Builder(file, problems).build(node)
     except yaml.YAMLError as exc:
         problems.append(RuleProblem(file=file, line=1, column=1, message=f"invalid YAML: {exc}"))
+        return None
+    except (_TooBig, RecursionError, MemoryError):
+        problems.append(RuleProblem(
+            file=file, line=1, column=1,
+            message=f"too large: it expands to more than {MAX_NODES:,} values "
+                    "(nested too deeply, or aliases that repeat themselves)"))
+        return None
+    except (ValueError, OverflowError) as exc:  # a value YAML itself cannot build
+        problems.append(RuleProblem(file=file, line=1, column=1, message=f"invalid value: {exc}"))
         return None
     if not isinstance(data, LMap):
         problems.append(RuleProblem(file=file, line=_mark(node)[0], column=_mark(node)[1],
