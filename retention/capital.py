@@ -319,8 +319,11 @@ def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: i
     A concave function rises then falls, so "falling from m on" is monotone in m:
     bisect on it for the peak, stopping as soon as a point reaches the target.
     """
-    if value(lo) >= target:
+    start = value(lo)
+    if start >= target:
         return lo
+    if lo == hi or value(lo + 1) <= start:
+        return None  # concave and not rising at lo: it never rises again
     left, right = lo, hi
     found = None
     while left < right:
