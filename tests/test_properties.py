@@ -10,8 +10,11 @@ from retention import Engine, load_texts
 from .strategies import event_streams, moments, rule_files
 
 
-def engine_for(text: str) -> Engine:
-    return Engine(load_texts([("generated.yaml", text)]))
+def engine_for(text: str, events=()) -> Engine:
+    engine = Engine(load_texts([("generated.yaml", text)]))
+    for event in events:
+        engine.process(event)
+    return engine
 
 
 def state_of(engine: Engine, customers=("a", "b"), at: str = "2026-06-01T00:00:00+00:00"):
@@ -42,14 +45,10 @@ def test_capital_stays_within_bounds(text, events, times):
 
 @given(rule_files(), event_streams(), st.randoms(use_true_random=False))
 def test_any_ingestion_order_gives_the_same_state(text, events, rng):
-    in_order = engine_for(text)
-    for event in events:
-        in_order.process(event)
+    in_order = engine_for(text, events)
     shuffled_events = list(events)
     rng.shuffle(shuffled_events)
-    shuffled = engine_for(text)
-    for event in shuffled_events:
-        shuffled.process(event)
+    shuffled = engine_for(text, shuffled_events)
     assert state_of(shuffled) == state_of(in_order)
     # decisions made in order are all there; a late event never retracts what was decided
     assert {d.id for d in in_order.decisions()} <= {d.id for d in shuffled.decisions()}
@@ -57,12 +56,7 @@ def test_any_ingestion_order_gives_the_same_state(text, events, rng):
 
 @given(rule_files(), event_streams(), st.data())
 def test_ingesting_twice_equals_once(text, events, data):
-    once = engine_for(text)
-    for event in events:
-        once.process(event)
-    twice = engine_for(text)
-    for event in events:
-        twice.process(event)
+    once, twice = engine_for(text, events), engine_for(text, events)
     repeats = data.draw(st.lists(st.sampled_from(events), max_size=10))
     for event in repeats:
         outcome = twice.process(event)
@@ -75,10 +69,7 @@ def test_ingesting_twice_equals_once(text, events, data):
 @given(rule_files(), event_streams(), moments(), moments())
 def test_two_ticks_equal_one(text, events, t1, t2):
     t1, t2 = sorted((t1, t2))
-    split, whole = engine_for(text), engine_for(text)
-    for event in events:
-        split.process(event)
-        whole.process(event)
+    split, whole = engine_for(text, events), engine_for(text, events)
     made = split.tick(t1) + split.tick(t2)
     at_once = whole.tick(t2)
     assert [d.to_dict() for d in made] == [d.to_dict() for d in at_once]
@@ -87,11 +78,9 @@ def test_two_ticks_equal_one(text, events, t1, t2):
 
 @given(rule_files(), event_streams(), moments())
 def test_rerunning_never_duplicates_a_decision(text, events, now):
-    first, second = engine_for(text), engine_for(text)
-    for engine in (first, second):
-        for event in events:
-            engine.process(event)
-        engine.tick(now)
+    first, second = engine_for(text, events), engine_for(text, events)
+    first.tick(now)
+    second.tick(now)
     ids = [d.id for d in first.decisions()]
     assert len(ids) == len(set(ids))
     assert ids == [d.id for d in second.decisions()]
@@ -100,12 +89,35 @@ def test_rerunning_never_duplicates_a_decision(text, events, now):
 @given(rule_files(), event_streams(max_size=15), moments())
 def test_tick_fires_exactly_what_the_next_event_would_see(text, events, now):
     """Levels fired by time are the same whether a tick or a later event finds them."""
-    ticked, touched = engine_for(text), engine_for(text)
-    for engine in (ticked, touched):
-        for event in events:
-            engine.process(event)
+    ticked, touched = engine_for(text, events), engine_for(text, events)
     ticked.tick(now)
     for customer in ("a", "b"):
         touched.process({"id": f"late-ping-{customer}", "customer": customer,
                          "type": "noop", "at": now})
         assert touched.level(customer) == ticked.level(customer)
+
+
+@given(rule_files(), event_streams(), st.lists(moments(), max_size=4), moments())
+def test_ticks_between_events_change_no_decision(text, events, ticks, end):
+    """Ticking along the way, even before some customers' latest events, decides
+    exactly what one tick at the end decides (events at a tick's time come first)."""
+    from retention.times import parse_instant
+
+    def at(value):
+        return parse_instant(value).timestamp()
+
+    end = max([end, *ticks], key=at)
+    along = engine_for(text)
+    timeline = sorted([(at(e["at"]), 0, e) for e in events] + [(at(t), 1, t) for t in ticks],
+                      key=lambda item: item[:2])
+    for _, is_tick, item in timeline:
+        if is_tick:
+            along.tick(item)
+        else:
+            along.process(item)
+    along.tick(end)
+    at_end = engine_for(text, events)
+    at_end.tick(end)
+    assert [(d.id, d.status) for d in along.decisions()] == \
+        [(d.id, d.status) for d in at_end.decisions()]
+    assert [along.level(c) for c in "ab"] == [at_end.level(c) for c in "ab"]
