@@ -435,6 +435,7 @@ def next_level_change(
     """
     step = math.inf
     owed = 0.0
+    steps = state.steps
     licence = rules.licence
     if licence is not None:
         owed, steps = licence_due(state, rules, t)
@@ -451,7 +452,7 @@ def next_level_change(
     all_armed = rearm_at == math.inf
     due = math.inf
     if not all_armed and step < math.inf:
-        due = _licence_rearm(state, rules, t, base + remembered, rearm_at)
+        due = _licence_rearm(state, rules, t, steps, base + remembered, rearm_at)
     silence = rules.silence
     if highest > -math.inf and silence is not None and silence.rate_per_day > 0:
         margin = base - highest  # fires once the silence drain exceeds this
@@ -467,17 +468,19 @@ def next_level_change(
     return min(step, due), due
 
 
-def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, settled: float,
-                   target: float) -> float:
+def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, steps: int,
+                   settled: float, target: float) -> float:
     """The licence step before which capital cannot reach ``target`` (inf: none can).
 
-    ``settled`` is B plus the licence owed at ``t``; traces never fall below their
+    ``steps`` are the licence steps counted at ``t`` and ``settled`` is B plus the
+    licence they owe; traces never fall below their
     keep floors and silence only grows, which bounds capital from above.
     """
     licence = rules.licence
     assert licence is not None
-    floors = sum(p.points * p.keep for p in state.penalties)
-    best = settled - floors - silence_due(state, rules, t)
+    best = settled - silence_due(state, rules, t)
+    for penalty in state.penalties:
+        best -= penalty.points * penalty.keep
     if best >= target:
         needed = 1
     else:
@@ -486,8 +489,7 @@ def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, settled: float
         if gap > room:
             return math.inf
         needed = math.ceil(gap / licence.points)
-    steps = int((t - state.clean_since) // licence.clean_for)
-    return state.clean_since + (max(steps, state.steps) + needed) * licence.clean_for
+    return state.clean_since + (steps + needed) * licence.clean_for
 
 
 def _earliest_rearm(state: CapitalState, rules: RuleSet, target: float, t: float,

@@ -171,14 +171,22 @@ class Engine:
     """
 
     def __init__(self, rules: RuleSet):
-        self._rules = rules
         self._customers: dict[str, Customer] = {}
         self._seen: set[tuple[str, str]] = set()
         self._due: list[tuple[float, str]] = []
         self._view = CustomerView(capital=None, level=None, purchases=0, spent=0.0,
                                   days_since_contact=None, consent=True)
+        self._derive(rules)
+
+    def _derive(self, rules: RuleSet) -> None:
+        """What the hot path reads of the rules, looked up once."""
+        self._rules = rules
         self._recovery_window = max(
             (r.recovery.within for r in rules.rules if r.recovery), default=0.0)
+        #: event type -> consent after it (True: given back, False: withdrawn)
+        self._consent_after = {**{kind: True for kind in rules.consent.restore_on},
+                               **{kind: False for kind in rules.consent.withdraw_on}}
+        self._contacts = rules.silence.contacts if rules.silence else None
 
     @classmethod
     def from_path(cls, path: str | Path) -> Engine:
@@ -310,9 +318,7 @@ class Engine:
         """Switch to another rule set (loaded first: a broken one raises and changes
         nothing) and recompute every customer from their events."""
         new = rules if isinstance(rules, RuleSet) else load_rules(rules)
-        self._rules = new
-        self._recovery_window = max(
-            (r.recovery.within for r in new.rules if r.recovery), default=0.0)
+        self._derive(new)
         self._due = []
         for cid, old in list(self._customers.items()):
             fresh = self._rebuild(cid, old.events, horizon=old.horizon)[0]
@@ -334,10 +340,8 @@ class Engine:
             # what time did before this event, judged with the consent of that time
             decisions.extend(self._advance(c, t, include_end=False))
         consent_before = c.consent
-        if ev.type in rules.consent.withdraw_on:
-            c.consent = False
-        elif ev.type in rules.consent.restore_on:
-            c.consent = True
+        kind = ev.type
+        c.consent = self._consent_after.get(kind, consent_before)
         cap = rules.capital
         if state is None:
             if ev.type not in cap.opens_on:
@@ -358,8 +362,8 @@ class Engine:
             days_idle: float | None = 0.0
         else:
             days_idle = (t - state.last_contact) / DAY
-            contacts = rules.silence.contacts if rules.silence else None
-            licence, silence = settle(state, rules, t, contacts is None or ev.type in contacts)
+            contacts = self._contacts
+            licence, silence = settle(state, rules, t, contacts is None or kind in contacts)
             if licence:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="licence", points=licence, at=ev.at,
@@ -383,7 +387,7 @@ class Engine:
             view.spent = c.spent
             view.days_since_contact = days_idle
             view.consent = consent_before
-        for rule in rules.by_type.get(ev.type, rules.any_type):
+        for rule in rules.by_type.get(kind, rules.any_type):
             if not rule.test(ev, props, view):
                 continue
             self._apply_rule(c, state, rule, ev, ledger)
@@ -391,12 +395,12 @@ class Engine:
             if rule.then:
                 decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, _trigger(ev),
                                                   0.0))
-        if ev.type == PURCHASE:
+        if kind == PURCHASE:
             c.purchases += 1
             amount = props.get("amount")
             if isinstance(amount, int | float) and not isinstance(amount, bool):
                 c.spent += amount
-        if rules.recognition_for(ev.type):
+        if rules.recognition_by_type.get(kind, rules.recognition_any):
             decisions.extend(self._recognise(c, ev, view))
         after = capital_at(state, rules, t) if c.dirty or before is None else before
         if not c.calm_low <= after < c.calm_high:

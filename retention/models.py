@@ -144,7 +144,10 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
     _set(event, "type", kind)
     _set(event, "at", at)
     _set(event, "source", src)
-    _set(event, "props", {k: v for k, v in raw.items() if k not in CORE_FIELDS})
+    props = raw.copy()
+    del props["id"], props["customer"], props["type"], props["at"]
+    props.pop("source", None)
+    _set(event, "props", props)
     _set(event, "ts", at.timestamp())
     return event
 
