@@ -252,28 +252,6 @@ def _licence_steps(state: CapitalState, rules: RuleSet, t_from: float, t_to: flo
     return times
 
 
-def next_licence_step(state: CapitalState, rules: RuleSet, t: float) -> float:
-    """The next time after ``t`` at which the licence would raise capital (inf: none)."""
-    licence = rules.licence
-    if licence is None:
-        return math.inf
-    owed, steps = licence_due(state, rules, t)
-    if licence.up_to - state.balance - owed <= 0:
-        return math.inf
-    return state.clean_since + (steps + 1) * licence.clean_for
-
-
-def _first_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
-    """Smallest m in [lo, hi] with pred(m), given pred monotone and pred(hi) true."""
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
-
-
 def _crossing(value: Callable[[int], float], level: float, lo: int, hi: int, *,
               falling: bool) -> int:
     """The first m in (lo, hi] where ``value`` has crossed ``level`` (gone below it when

@@ -116,10 +116,6 @@ class Customer:
     calm_low: float = -math.inf
     calm_high: float = math.inf
 
-    @property
-    def is_open(self) -> bool:
-        return self.state is not None
-
     def level(self, rules: RuleSet) -> str | None:
         """The lowest level that fired and has not re-armed, or None."""
         lowest = None

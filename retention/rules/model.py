@@ -166,10 +166,6 @@ class RuleSet:
         found = self.recognition_by_type.get(event_type)
         return self.recognition_any if found is None else found
 
-    def rules_for(self, event_type: str) -> tuple[Rule, ...]:
-        found = self.by_type.get(event_type)
-        return self.any_type if found is None else found
-
     def summary(self) -> str:
         files = len(self.sources)
         return (f"{files} file{'s' if files != 1 else ''}: {len(self.rules)} rules, "
