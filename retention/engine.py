@@ -43,6 +43,7 @@ PURCHASE = "purchase"
 #: repeat escalation stops growing here: far beyond any capital range, yet finite
 _MAX_MULTIPLIER = 1e12
 _MAX_POINTS = 1e15
+_INF = math.inf
 
 
 def decision_id(customer: str, cause: str, trigger: str, action: str) -> str:
@@ -99,7 +100,8 @@ class Customer:
     # bookkeeping the rules need, created on first use (most customers need little)
     counts: dict[str, int] | None = None
     rewarded: set[str] | None = None
-    windows: dict[str, deque[tuple[float, float]]] | None = None
+    #: purchases counted by an `after` reward: their times and amounts
+    windows: dict[str, tuple[deque[float], deque[float]]] | None = None
     repeats: dict[str, deque[float]] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
     pressure: deque[float] | None = None
@@ -223,7 +225,7 @@ class Engine:
         # An event that moved no points leaves future capital at or above what was
         # foreseen, so a still-future schedule stays a valid (early) one, unless a
         # level waits to re-arm, which a higher capital could bring sooner.
-        if (customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < math.inf
+        if (customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < _INF
                 or customer.scheduled <= ev.ts):
             self._schedule(customer)
         return Outcome(event=ev, capital_before=before, capital_after=after,
@@ -531,16 +533,19 @@ class Engine:
                 c.windows = {}
             window = c.windows.get(rec.name)
             if window is None:
-                window = c.windows[rec.name] = deque()
+                window = c.windows[rec.name] = (deque(), deque())
+            times, amounts = window
             amount = ev.props.get("amount")
             amount = amount if isinstance(amount, int | float) and not isinstance(
                 amount, bool) else 0.0
-            window.append((t, float(amount)))
+            times.append(t)
+            amounts.append(float(amount))
             if rec.within is not None:
-                while window and window[0][0] <= t - rec.within:
-                    window.popleft()
-            count = len(window)
-            total = sum(a for _, a in window)
+                while times[0] <= t - rec.within:
+                    times.popleft()
+                    amounts.popleft()
+            count = len(times)
+            total = sum(amounts)
             if (rec.purchases is not None and count >= rec.purchases) or (
                     rec.spent is not None and total >= rec.spent):
                 if c.rewarded is None:
