@@ -14,7 +14,6 @@ import hashlib
 import heapq
 import json
 import math
-from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -101,10 +100,11 @@ class Customer:
     counts: dict[str, int] | None = None
     rewarded: set[str] | None = None
     #: purchases counted by an `after` reward: their times and amounts
-    windows: dict[str, tuple[deque[float], deque[float]]] | None = None
-    repeats: dict[str, deque[float]] | None = None
+    # (lists, not deques: a deque weighs 600 bytes even empty, and these stay short)
+    windows: dict[str, tuple[list[float], list[float]]] | None = None
+    repeats: dict[str, list[float]] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
-    pressure: deque[float] | None = None
+    pressure: list[float] | None = None
     #: ledger entries as plain tuples (see ``_row``)
     ledger: list[tuple[Any, ...]] = attrs.Factory(list)
     decisions: dict[str, Decision] = attrs.Factory(dict)
@@ -125,6 +125,14 @@ class Customer:
             if fired and (lowest is None or level.below < lowest.below):
                 lowest = level
         return lowest.name if lowest else None
+
+
+def _drop_until(times: list[float], keep: Any) -> None:
+    """Drop the leading times of a sorted window until ``keep(time)`` holds."""
+    stale = 0
+    while stale < len(times) and not keep(times[stale]):
+        stale += 1
+    del times[:stale]
 
 
 def _link(value: Any) -> Any:
@@ -418,9 +426,8 @@ class Engine:
                 c.repeats = {}
             window = c.repeats.get(rule.name)
             if window is None:
-                window = c.repeats[rule.name] = deque()
-            while window and window[0] < t - rule.repeat.within:
-                window.popleft()
+                window = c.repeats[rule.name] = []
+            _drop_until(window, lambda at, edge=t - rule.repeat.within: at >= edge)
             earlier = len(window)  # matches in [t - W, t): not those at this same instant
             while earlier and window[earlier - 1] >= t:
                 earlier -= 1
@@ -533,7 +540,7 @@ class Engine:
                 c.windows = {}
             window = c.windows.get(rec.name)
             if window is None:
-                window = c.windows[rec.name] = (deque(), deque())
+                window = c.windows[rec.name] = ([], [])
             times, amounts = window
             amount = ev.props.get("amount")
             amount = amount if isinstance(amount, int | float) and not isinstance(
@@ -541,9 +548,11 @@ class Engine:
             times.append(t)
             amounts.append(float(amount))
             if rec.within is not None:
-                while times[0] <= t - rec.within:
-                    times.popleft()
-                    amounts.popleft()
+                edge = t - rec.within
+                stale = 0
+                while times[stale] <= edge:
+                    stale += 1
+                del times[:stale], amounts[:stale]
             count = len(times)
             total = sum(amounts)
             if (rec.purchases is not None and count >= rec.purchases) or (
@@ -628,9 +637,8 @@ class Engine:
             elif pressure is not None and action.kind in pressure.kinds:
                 window = c.pressure
                 if window is None:
-                    window = c.pressure = deque()
-                while window and window[0] <= t - pressure.per:
-                    window.popleft()
+                    window = c.pressure = []
+                _drop_until(window, lambda at, edge=t - pressure.per: at > edge)
                 if len(window) >= pressure.max:
                     status, reason = SUPPRESSED, "pressure"
                 else:
