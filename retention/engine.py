@@ -127,12 +127,14 @@ class Customer:
         return lowest.name if lowest else None
 
 
-def _drop_until(times: list[float], keep: Any) -> None:
-    """Drop the leading times of a sorted window until ``keep(time)`` holds."""
+def _drop_until(times: list[float], keep: Any) -> int:
+    """Drop the leading times of a sorted window until ``keep(time)`` holds; returns
+    how many were dropped."""
     stale = 0
     while stale < len(times) and not keep(times[stale]):
         stale += 1
     del times[:stale]
+    return stale
 
 
 def _link(value: Any) -> Any:
@@ -548,11 +550,8 @@ class Engine:
             times.append(t)
             amounts.append(float(amount))
             if rec.within is not None:
-                edge = t - rec.within
-                stale = 0
-                while times[stale] <= edge:
-                    stale += 1
-                del times[:stale], amounts[:stale]
+                stale = _drop_until(times, lambda at, edge=t - rec.within: at > edge)
+                del amounts[:stale]
             count = len(times)
             total = sum(amounts)
             if (rec.purchases is not None and count >= rec.purchases) or (
