@@ -12,10 +12,13 @@ from __future__ import annotations
 import gc
 import hashlib
 import heapq
+import itertools
 import json
+import marshal
 import math
+import pickle
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +89,10 @@ class Customer:
     """One customer's state in the engine."""
 
     id: str
-    #: the customer's events as plain rows (see ``_row``), in time order
-    events: list[tuple[Any, ...]] = attrs.Factory(list)
+    #: the customer's events, packed (see ``_pack``), in the order they were applied
+    log: bytearray = attrs.Factory(bytearray)
+    #: (time, id, source) of the latest event applied; None before the first
+    last: tuple[float, str, str] | None = None
     state: CapitalState | None = None
     armed: bytearray = attrs.Factory(bytearray)
     fired: bytearray = attrs.Factory(bytearray)
@@ -105,9 +110,8 @@ class Customer:
     repeats: dict[str, list[float]] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
     pressure: list[float] | None = None
-    #: ledger entries as plain tuples (see ``_row``)
-    ledger: list[tuple[Any, ...]] = attrs.Factory(list)
-    decisions: dict[str, Decision] = attrs.Factory(dict)
+    #: decisions by id, created with the first one
+    decisions: dict[str, Decision] | None = None
     next_change: float = math.inf
     #: the time of this customer's live entry in the tick queue
     scheduled: float = math.inf
@@ -145,14 +149,65 @@ def _link(value: Any) -> Any:
 
 
 def _row(event: Event) -> tuple[Any, ...]:
-    """An event as the engine keeps it: a plain tuple, ordered by (time, id, source).
-
-    Tuples of plain values (no dict, no instance inside) are not tracked by Python's
-    garbage collector, so a long history costs the collector nothing; attrs
-    instances or dicts would be scanned at every full collection.
-    """
+    """An event as a plain row, ordered by (time, id, source)."""
     return (event.ts, event.id, event.source, event.type, event.at,
             tuple(event.props.items()))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ZONES: dict[int, timezone] = {0: UTC}
+_MARSHALLED, _PICKLED = 0, 1
+
+
+def _pack(row: tuple[Any, ...]) -> bytes:
+    """A row as bytes for a customer's event log.
+
+    The log is one bytearray per customer: a history kept as a list of objects
+    would be walked by Python's cycle collector at every full collection, which
+    at a million events costs more than processing them. The time travels as
+    integer microseconds and a UTC offset, so it comes back exactly; a row that
+    marshal cannot hold (a time zone with rules, an unusual property value
+    given through the API) is pickled instead.
+    """
+    ts, event_id, source, kind, at, props = row
+    zone = at.tzinfo
+    offset = at.utcoffset()
+    if type(zone) is timezone and offset is not None and not offset.microseconds:
+        try:
+            body = marshal.dumps((round(ts * 1e6), event_id, source, kind,
+                                  offset // _SECOND, props))
+            return len(body).to_bytes(4, "little") + b"\x00" + body
+        except ValueError:
+            pass
+    try:
+        body = pickle.dumps(row, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as exc:  # an object that cannot be kept, given through the API
+        raise EventError(f"a property value cannot be stored: {exc}",
+                         event_id=event_id) from None
+    return len(body).to_bytes(4, "little") + b"\x01" + body
+
+
+def _unpack(log: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
+    """The rows of an event log, in the order they were packed."""
+    view = memoryview(log)
+    at = 0
+    end = len(view)
+    while at < end:
+        size = int.from_bytes(view[at:at + 4], "little")
+        body = view[at + 5:at + 5 + size]
+        if view[at + 4] == _MARSHALLED:
+            micros, event_id, source, kind, offset, props = marshal.loads(body)
+            zone = _ZONES.get(offset)
+            if zone is None:
+                zone = _ZONES[offset] = timezone(timedelta(seconds=offset))
+            moment = (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
+            yield (micros / 1e6, event_id, source, kind, moment, props)
+        else:
+            yield pickle.loads(body)
+        at += 5 + size
+
+
+_SECOND = timedelta(seconds=1)
 
 
 def _event_of(customer: str, row: tuple[Any, ...]) -> Event:
@@ -180,7 +235,10 @@ class Engine:
 
     def __init__(self, rules: RuleSet):
         self._customers: dict[str, Customer] = {}
-        self._seen: set[tuple[str, str]] = set()
+        # event ids seen, without and with a source: dicts of strings, which the
+        # cycle collector does not track (a set of tuples it would walk in full)
+        self._seen: dict[str, None] = {}
+        self._seen_from: dict[str, dict[str, None]] = {}
         self._due: list[tuple[float, str]] = []
         self._view = CustomerView(capital=None, level=None, purchases=0, spent=0.0,
                                   days_since_contact=None, consent=True)
@@ -210,28 +268,29 @@ class Engine:
     def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
         """Process one event; returns what it did. Raises EventError for a bad event."""
         ev = event if isinstance(event, Event) else Event.from_dict(event, source=source)
-        key = (ev.source, ev.id)
-        if key in self._seen:
+        seen = self._seen if not ev.source else self._seen_from.setdefault(ev.source, {})
+        if ev.id in seen:
             return Outcome(event=ev, capital_before=None, capital_after=None, duplicate=True)
         customer = self._customers.get(ev.customer)
         if customer is None:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
-        events = customer.events
-        row = _row(ev)
-        last = events[-1] if events else None
+        last = customer.last
+        key = (ev.ts, ev.id, ev.source)
         if last is None or (ev.ts >= customer.level_time and (
-                ev.ts > last[0] or row[:3] > last[:3])):
-            events.append(row)
+                ev.ts > last[0] or key > last)):
+            mark, decided = len(customer.log), len(customer.decisions or ())
             try:
                 before, after, ledger, decisions = self._apply(customer, ev)
+                customer.log += _pack(_row(ev))
             except BaseException:
-                self._undo(customer)  # an event is applied whole or not at all
+                self._undo(customer, mark, decided)  # an event is applied whole or not at all
                 raise
+            customer.last = key
         else:
             before, after, ledger, decisions = self._replay(customer, ev)
             customer = self._customers[ev.customer]
             customer.dirty = True
-        self._seen.add(key)
+        seen[ev.id] = None
         # An event that moved no points leaves future capital at or above what was
         # foreseen, so a still-future schedule stays a valid (early) one, unless a
         # level waits to re-arm, which a higher capital could bring sooner.
@@ -265,10 +324,12 @@ class Engine:
         if c is None:
             return None
         if at is None:
-            return None if c.state is None else capital_at(c.state, self._rules, c.events[-1][0])
+            return None if c.state is None or c.last is None else capital_at(
+                c.state, self._rules, c.last[0])
         t = _moment(at)
-        if c.events and t < c.events[-1][0]:
-            c = self._rebuild(c.id, [r for r in c.events if r[0] <= t], horizon=-math.inf)[0]
+        if c.last is not None and t < c.last[0]:
+            c = self._rebuild(c.id, [r for r in _unpack(c.log) if r[0] <= t],
+                              horizon=-math.inf)[0]
         if c.state is None or t < c.state.opened_at:
             return None
         return capital_at(c.state, self._rules, t)
@@ -300,16 +361,24 @@ class Engine:
         return made
 
     def explain(self, customer: str) -> list[LedgerEntry]:
-        """The whole ledger of one customer, in time order."""
+        """The whole ledger of one customer, in time order.
+
+        The ledger is not kept: it is derived again from the customer's events, so
+        memory holds only what the next event needs.
+        """
         c = self._customers.get(customer)
-        return [] if c is None else [LedgerEntry(*row) for row in c.ledger]
+        if c is None:
+            return []
+        ledger: list[LedgerEntry] = []
+        self._rebuild(c.id, _unpack(c.log), horizon=-math.inf, ledger=ledger)
+        return ledger
 
     def decisions(self, customer: str | None = None, *, status: str | None = None
                   ) -> list[Decision]:
         """Decisions made so far (of one customer, or all), oldest first."""
         pool = ([self._customers[customer]] if customer in self._customers else []
                 ) if customer is not None else self._customers.values()
-        found = [d for c in pool for d in c.decisions.values()
+        found = [d for c in pool if c.decisions for d in c.decisions.values()
                  if status is None or d.status == status]
         found.sort(key=lambda d: (d.at, d.id))
         return found
@@ -329,9 +398,9 @@ class Engine:
         self._derive(new)
         self._due = []
         for cid, old in list(self._customers.items()):
-            fresh = self._rebuild(cid, old.events, horizon=old.horizon)[0]
-            for did, decision in old.decisions.items():
-                fresh.decisions.setdefault(did, decision)
+            fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
+            if old.decisions:
+                fresh.decisions = {**old.decisions, **(fresh.decisions or {})}
             self._customers[cid] = fresh
             self._schedule(fresh)
 
@@ -414,7 +483,6 @@ class Engine:
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
-        c.ledger.extend(map(tuple, ledger))  # plain rows: see _row
         return before, after, ledger, decisions
 
     def _apply_rule(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
@@ -625,7 +693,9 @@ class Engine:
         made = []
         for ref in refs:
             did = decision_id(c.id, cause, trigger, ref.name)
-            if did in c.decisions:
+            if c.decisions is None:
+                c.decisions = {}
+            elif did in c.decisions:
                 continue
             action = rules.actions[ref.name]
             status, reason = PENDING, None
@@ -656,17 +726,22 @@ class Engine:
     # -- replays and the schedule ----------------------------------------------------
 
     def _rebuild(self, cid: str, rows: Iterable[tuple[Any, ...]], *, horizon: float,
-                 watch: tuple[Any, ...] | None = None) -> tuple[Customer, tuple[Any, ...]]:
+                 watch: tuple[Any, ...] | None = None,
+                 ledger: list[LedgerEntry] | None = None) -> tuple[Customer, tuple[Any, ...]]:
         """A customer recomputed from their events in time order, then brought to the
-        tick horizon they had; also returns what ``watch`` (one of the rows) did."""
+        tick horizon they had; also returns what ``watch`` (one of the rows) did, and
+        collects the ledger into ``ledger`` when one is given."""
         fresh = Customer(id=cid)
         result: tuple[Any, ...] = (None, None, [], [])
         for row in sorted(rows, key=lambda r: r[:3]):
-            fresh.events.append(row)
             outcome = self._apply(fresh, _event_of(cid, row))
+            fresh.log += _pack(row)
+            fresh.last = row[:3]
             self._plan(fresh)
             if row is watch:
                 result = outcome
+            if ledger is not None:
+                ledger.extend(outcome[2])
         if horizon > fresh.level_time and fresh.state is not None:
             self._advance(fresh, horizon, include_end=True)
             fresh.level_time = horizon
@@ -678,23 +753,28 @@ class Engine:
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         """A late event: recompute the customer from all their events, in time order."""
         row = _row(ev)
-        fresh, result = self._rebuild(c.id, [*c.events, row], horizon=c.horizon, watch=row)
-        new = [d for did, d in fresh.decisions.items() if did not in c.decisions]
-        for did, decision in c.decisions.items():
-            fresh.decisions[did] = decision  # what was decided before stays as it was
+        fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
+                                      watch=row)
+        known = c.decisions or {}
+        new = [d for did, d in (fresh.decisions or {}).items() if did not in known]
+        if known:  # what was decided before stays as it was
+            fresh.decisions = {**(fresh.decisions or {}), **known}
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
 
-    def _undo(self, c: Customer) -> None:
-        """Forget the event just appended to ``c`` and everything it half did."""
-        c.events.pop()
-        if not c.events:
+    def _undo(self, c: Customer, mark: int, decided: int) -> None:
+        """Forget the event that failed half way through ``c`` and all it did: the log
+        is cut back to ``mark`` bytes and the decisions to the first ``decided``."""
+        del c.log[mark:]
+        if not c.log:
             del self._customers[c.id]
             return
-        fresh = self._rebuild(c.id, c.events, horizon=c.horizon)[0]
-        fresh.decisions.update(c.decisions)
+        fresh = self._rebuild(c.id, _unpack(c.log), horizon=c.horizon)[0]
+        if c.decisions:
+            kept = dict(itertools.islice(c.decisions.items(), decided))
+            fresh.decisions = {**(fresh.decisions or {}), **kept}
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
 

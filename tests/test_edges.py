@@ -116,3 +116,47 @@ def test_a_tiny_drain_never_fires_and_never_crashes():
                "levels:\n  - {name: watch, below: 55}\n")
     feed(e, ("purchase", "2026-01-01T00:00:00Z"), ("ping", "2027-01-01T00:00:00Z"))
     assert e.tick("2030-01-01T00:00:00Z") == []
+
+
+def test_a_late_event_replays_times_and_properties_exactly():
+    """The history is kept packed; a replay gets back every time zone and value."""
+    from datetime import UTC, datetime, timedelta, timezone
+    from zoneinfo import ZoneInfo
+
+    rules = """
+capital: {initial: 50}
+rules:
+  order: {when: event.type == "purchase" and event.amount > 1, points: 1}
+"""
+    e = engine(rules)
+    odd = timezone(timedelta(hours=5, minutes=30, seconds=7, microseconds=3))
+    times = [
+        datetime(2026, 1, 1, 9, 0, 0, 123456, tzinfo=UTC),
+        datetime(2026, 1, 2, 9, 0, tzinfo=timezone(timedelta(hours=-7))),
+        datetime(2026, 1, 3, 9, 0, tzinfo=ZoneInfo("Europe/Paris")),
+        datetime(2026, 1, 4, 9, 0, tzinfo=odd),
+    ]
+    props = [{"amount": 2, "tags": ["a", {"b": None}]}, {"amount": 2.5, "ok": True},
+             {"amount": 3, "note": "é"}, {"amount": 4, "big": 10**30}]
+    for i in (1, 2, 3):
+        e.process({"id": f"o{i}", "customer": "c", "type": "purchase",
+                   "at": times[i], **props[i]})
+    e.process({"id": "o0", "customer": "c", "type": "purchase", "at": times[0], **props[0]})
+    ledger = [x for x in e.explain("c") if x.rule == "order"]
+    assert [x.at for x in ledger] == sorted(times)
+    assert [x.at.utcoffset() for x in ledger] == [t.utcoffset() for t in times]
+    assert [x.event_id for x in ledger] == ["o0", "o1", "o2", "o3"]
+    assert e.capital("c", at="2026-02-01T00:00:00Z") == 54
+
+
+def test_a_property_that_cannot_be_kept_is_refused_whole():
+    from retention import EventError
+
+    e = engine("capital: {initial: 50}\nrules:\n  r: {when: event.type == 'x', points: -5}\n")
+    e.process({"id": "o", "customer": "c", "type": "purchase", "at": "2026-01-01T00:00:00Z"})
+    e.process({"id": "a", "customer": "c", "type": "x", "at": "2026-01-01T01:00:00Z"})
+    with pytest.raises(EventError, match="cannot be stored"):
+        e.process({"id": "b", "customer": "c", "type": "x", "at": "2026-01-02T00:00:00Z",
+                   "handle": lambda: None})
+    assert e.capital("c", at="2026-01-03T00:00:00Z") == 45
+    assert [x.event_id for x in e.explain("c")] == ["o", "a"]
