@@ -192,8 +192,9 @@ def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
 
 
 def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
+    value = raw_capital(state, rules, t)
     cap = rules.capital
-    return clamp(raw_capital(state, rules, t), cap.min, cap.max)
+    return cap.min if value < cap.min else cap.max if value > cap.max else value
 
 
 def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
@@ -212,11 +213,13 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
             licence = state.balance - old
     silence = 0.0
     if contact:
-        if rules.silence is not None:
-            drain = silence_due(state, rules, t)
-            if drain:
+        rule = rules.silence
+        if rule is not None and rule.rate_per_day > 0:
+            idle = t - state.last_contact - rule.after
+            if idle > 0:
                 old = state.balance
-                state.balance = clamp(old - drain, cap.min, cap.max)
+                state.balance = clamp(old - rule.rate_per_day * (idle / DAY), cap.min,
+                                      cap.max)
                 silence = old - state.balance
         state.last_contact = t
     if state.penalties:

@@ -20,7 +20,7 @@ import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 
@@ -60,6 +60,25 @@ def in_holdout(customer: str, level: str, share: float) -> bool:
         return False
     digest = hashlib.blake2b(f"{customer}\x1f{level}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2.0**64 < share
+
+
+#: event types whose plan is kept (more distinct types than this are planned anew)
+_MAX_PLANS = 4096
+
+
+class _TypePlan(NamedTuple):
+    """What processing an event of one type needs from the rules."""
+
+    rules: tuple[Any, ...]
+    rewards: tuple[Any, ...]
+    #: consent after such an event: True (given), False (withdrawn), None (unchanged)
+    consent: bool | None
+    #: whether it counts as a contact that ends a silence
+    contact: bool
+    opens: bool
+    #: whether a condition it meets reads ``customer.*`` (and ``customer.level``)
+    view: bool
+    level: bool
 
 
 @attrs.define(slots=True)
@@ -150,8 +169,7 @@ def _link(value: Any) -> Any:
 
 def _row(event: Event) -> tuple[Any, ...]:
     """An event as a plain row, ordered by (time, id, source)."""
-    return (event.ts, event.id, event.source, event.type, event.at,
-            tuple(event.props.items()))
+    return (event.ts, event.id, event.source, event.type, event.at, event.props)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -170,6 +188,9 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     given through the API) is pickled instead.
     """
     ts, event_id, source, kind, at, props = row
+    if type(props) is not dict:
+        props = dict(props)
+        row = (ts, event_id, source, kind, at, props)
     zone = at.tzinfo
     offset = at.utcoffset()
     if type(zone) is timezone and offset is not None and not offset.microseconds:
@@ -253,6 +274,27 @@ class Engine:
         self._consent_after = {**{kind: True for kind in rules.consent.restore_on},
                                **{kind: False for kind in rules.consent.withdraw_on}}
         self._contacts = rules.silence.contacts if rules.silence else None
+        self._type_plans: dict[str, _TypePlan] = {}
+
+    def _type_plan(self, kind: str) -> _TypePlan:
+        """What an event type asks of the hot path, worked out once per type."""
+        rules = self._rules
+        matching = rules.by_type.get(kind, rules.any_type)
+        rewards = rules.recognition_for(kind)
+        conditions = [r.condition for r in matching] + [
+            r.condition for r in rewards if r.condition is not None]
+        plan = _TypePlan(
+            rules=matching,
+            rewards=rewards,
+            consent=self._consent_after.get(kind),
+            contact=self._contacts is None or kind in self._contacts,
+            opens=kind in rules.capital.opens_on,
+            view=any(c.customer_fields for c in conditions),
+            level=any("level" in c.customer_fields for c in conditions),
+        )
+        if len(self._type_plans) < _MAX_PLANS:  # event types come from the outside: bounded
+            self._type_plans[kind] = plan
+        return plan
 
     @classmethod
     def from_path(cls, path: str | Path) -> Engine:
@@ -281,7 +323,7 @@ class Engine:
             mark, decided = len(customer.log), len(customer.decisions or ())
             try:
                 before, after, ledger, decisions = self._apply(customer, ev)
-                customer.log += _pack(_row(ev))
+                customer.log += _pack((ev.ts, ev.id, ev.source, ev.type, ev.at, ev.props))
             except BaseException:
                 self._undo(customer, mark, decided)  # an event is applied whole or not at all
                 raise
@@ -418,10 +460,12 @@ class Engine:
             decisions.extend(self._advance(c, t, include_end=False))
         consent_before = c.consent
         kind = ev.type
-        c.consent = self._consent_after.get(kind, consent_before)
+        plan = self._type_plans.get(kind) or self._type_plan(kind)
+        if plan.consent is not None:
+            c.consent = plan.consent
         cap = rules.capital
         if state is None:
-            if ev.type not in cap.opens_on:
+            if not plan.opens:
                 return None, None, ledger, decisions
             state = c.state = CapitalState(balance=cap.initial, opened_at=t, last_contact=t,
                                            clean_since=t)
@@ -439,8 +483,7 @@ class Engine:
             days_idle: float | None = 0.0
         else:
             days_idle = (t - state.last_contact) / DAY
-            contacts = self._contacts
-            licence, silence = settle(state, rules, t, contacts is None or kind in contacts)
+            licence, silence = settle(state, rules, t, plan.contact)
             if licence:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="licence", points=licence, at=ev.at,
@@ -456,15 +499,15 @@ class Engine:
                 decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
         props = ev.props
         view = None
-        if rules.uses_customer:
+        if plan.view:
             view = self._view  # one reusable holder: conditions only read it
             view.capital = before if before is not None else cap.initial
-            view.level = c.level(rules) if rules.uses_level else None
+            view.level = c.level(rules) if plan.level else None
             view.purchases = c.purchases
             view.spent = c.spent
             view.days_since_contact = days_idle
             view.consent = consent_before
-        for rule in rules.by_type.get(kind, rules.any_type):
+        for rule in plan.rules:
             if not rule.test(ev, props, view):
                 continue
             self._apply_rule(c, state, rule, ev, ledger)
@@ -477,8 +520,8 @@ class Engine:
             amount = props.get("amount")
             if isinstance(amount, int | float) and not isinstance(amount, bool):
                 c.spent += amount
-        if rules.recognition_by_type.get(kind, rules.recognition_any):
-            decisions.extend(self._recognise(c, ev, view))
+        if plan.rewards:
+            decisions.extend(self._recognise(c, ev, view, plan.rewards))
         after = capital_at(state, rules, t) if c.dirty or before is None else before
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
@@ -587,10 +630,11 @@ class Engine:
                 event_id=ev.id, category=rule.category,
                 reason=f"{rule.name}: bonus {rec.bonus:+g} for an incident well resolved"))
 
-    def _recognise(self, c: Customer, ev: Event, view: CustomerView | None) -> list[Decision]:
+    def _recognise(self, c: Customer, ev: Event, view: CustomerView | None,
+                   rewards: tuple[Any, ...]) -> list[Decision]:
         made: list[Decision] = []
         t = ev.ts
-        for rec in self._rules.recognition_for(ev.type):
+        for rec in rewards:
             if rec.every is not None:
                 assert rec.condition is not None
                 if not rec.condition.function(ev, ev.props, view):
@@ -787,8 +831,12 @@ class Engine:
 
     def _schedule(self, c: Customer) -> None:
         """Plan ``c`` and put it in the tick queue at its next change."""
-        self._plan(c)
-        when = c.next_change
+        c.dirty = False
+        if c.state is None:
+            return
+        when, c.levels_due = next_level_change(
+            c.state, self._rules, c.level_time, c.calm_low, c.calm_high)
+        c.next_change = when
         if when == c.scheduled:
             return
         c.scheduled = when
