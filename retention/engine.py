@@ -392,14 +392,20 @@ class Engine:
             customer = self._customers[cid]
             if customer.scheduled != when:
                 continue  # superseded by another schedule
-            if customer.level_time < t:
-                made.extend(self._advance(customer, t, include_end=True))
-                customer.level_time = t
-                customer.horizon = max(customer.horizon, t)
-            # (a customer whose events already went past `now` is only re-planned)
-            customer.scheduled = math.inf
-            self._schedule(customer)
+            made.extend(self._tick_one(customer, t))
         made.sort(key=lambda d: (d.at, d.id))
+        return made
+
+    def _tick_one(self, customer: Customer, t: float) -> list[Decision]:
+        """What time did to one due customer up to ``t``; plans them again."""
+        made: list[Decision] = []
+        if customer.level_time < t:
+            made = self._advance(customer, t, include_end=True)
+            customer.level_time = t
+            customer.horizon = max(customer.horizon, t)
+        # (a customer whose events already went past `t` is only re-planned)
+        customer.scheduled = math.inf
+        self._schedule(customer)
         return made
 
     def explain(self, customer: str) -> list[LedgerEntry]:
@@ -799,14 +805,22 @@ class Engine:
         row = _row(ev)
         fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
                                       watch=row)
-        known = c.decisions or {}
-        new = [d for did, d in (fresh.decisions or {}).items() if did not in known]
-        if known:  # what was decided before stays as it was
-            fresh.decisions = {**(fresh.decisions or {}), **known}
+        new = self._reconcile(c.decisions or {}, fresh)
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
+
+    def _reconcile(self, known: dict[str, Decision], fresh: Customer) -> list[Decision]:
+        """After a replay: the decisions the recomputed history made that are new.
+
+        In memory, what was decided before stays as it was: its outcome was already
+        returned to the caller, who may have acted on it.
+        """
+        new = [d for did, d in (fresh.decisions or {}).items() if did not in known]
+        if known:
+            fresh.decisions = {**(fresh.decisions or {}), **known}
+        return new
 
     def _undo(self, c: Customer, mark: int, decided: int) -> None:
         """Forget the event that failed half way through ``c`` and all it did: the log
@@ -841,8 +855,12 @@ class Engine:
             return
         c.scheduled = when
         if when < math.inf:
-            heapq.heappush(self._due, (when, c.id))
-            if len(self._due) > 4 * len(self._customers) + 1024:
-                self._due = [(cu.scheduled, cu.id) for cu in self._customers.values()
-                             if cu.scheduled < math.inf]
-                heapq.heapify(self._due)
+            self._enqueue(c, when)
+
+    def _enqueue(self, c: Customer, when: float) -> None:
+        """Put ``c`` in the in-memory tick queue (a store keeps the time instead)."""
+        heapq.heappush(self._due, (when, c.id))
+        if len(self._due) > 4 * len(self._customers) + 1024:  # drop superseded entries
+            self._due = [(cu.scheduled, cu.id) for cu in self._customers.values()
+                         if cu.scheduled < math.inf]
+            heapq.heapify(self._due)
