@@ -20,7 +20,7 @@ import pickle
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import attrs
 
@@ -39,6 +39,9 @@ from .models import HELD_OUT, PENDING, SUPPRESSED, Decision, Event, LedgerEntry,
 from .rules.loader import load_rules
 from .rules.model import ActionRef, RuleSet
 from .times import DAY, TimeFormatError, format_instant, from_seconds, parse_instant
+
+if TYPE_CHECKING:
+    from .store import StoredEngine
 
 PURCHASE = "purchase"
 
@@ -300,6 +303,14 @@ class Engine:
     def from_path(cls, path: str | Path) -> Engine:
         """An engine with the rules of a file or folder; raises RuleFileError if broken."""
         return cls(load_rules(path))
+
+    @classmethod
+    def open(cls, path: str | Path, rules: RuleSet | str | Path | None = None, *,
+             batch_size: int | None = None) -> StoredEngine:
+        """An engine whose state lives in a SQLite database (created and migrated on
+        open); ``rules`` defaults to the version the database last used."""
+        from .store import BATCH, StoredEngine
+        return StoredEngine(path, rules, batch_size=batch_size or BATCH)
 
     @property
     def rules(self) -> RuleSet:

@@ -1,0 +1,955 @@
+"""The embedded store: the engine's state in one SQLite file, through sqlite-utils.
+
+``Engine.open("retention.db", rules="rules/")`` gives a :class:`StoredEngine`: the
+same engine, with its customers kept in the database instead of memory. Events
+go in by batches, one transaction per batch: a batch lands whole, with its
+events, snapshots, ledger and decisions, or not at all. Memory holds only the
+customers of the batch at hand, so it stays flat however many are stored.
+
+Tables (see ``migrations/``): ``events`` (append-only, keyed by source and id),
+``customers`` (one snapshot per customer, indexed on ``next_change_at``),
+``ledger``, ``decisions`` (the outbox), ``aliases``, ``rule_versions``,
+``dead_letters`` and ``counters``.
+
+Readings of the design taken here, documented in docs/store.md:
+
+- Within a batch, events are applied in time order; an event older than its
+  customer's latest recomputes that customer from their logged events.
+- A recomputation rewrites the customer's ledger, and the outbox follows the
+  recomputed history: a decision still undelivered that the history no longer
+  makes becomes ``withdrawn``. So any batch split and ingestion order gives the
+  same database as ingesting the events sorted, once.
+- ``identify`` events (``customer`` and ``aliases``; no ``id`` or ``at``
+  needed) take effect at their place in the input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import pickle
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
+from datetime import UTC, datetime
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import attrs
+import sqlite_utils
+
+from .capital import capital_at
+from .engine import Customer, Engine, _moment, _row, _unpack, decision_id
+from .errors import EventError, RetentionError
+from .models import Decision, Event, LedgerEntry, Outcome
+from .rules import load_rules, load_texts
+from .rules.model import RuleSet
+from .times import format_instant
+
+#: a decision the recomputed history no longer makes, withdrawn before delivery
+WITHDRAWN = "withdrawn"
+#: statuses the engine may still change: nothing has left the outbox yet
+UNDELIVERED = ("pending", "suppressed", "held_out", WITHDRAWN)
+#: events per transaction by default
+BATCH = 1000
+#: customers loaded or written per statement (under SQLite's variable limit)
+_CHUNK = 500
+
+
+class StoreError(RetentionError):
+    """The database cannot be used as asked (not SQLite, too new, read-only...)."""
+
+
+@attrs.define
+class IngestReport:
+    """What one ingestion did."""
+
+    ingested: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+    decisions: int = 0
+    identified: int = 0
+    merged: int = 0
+    #: one line per dead-lettered input: ``origin:line: reason``
+    problems: list[str] = attrs.Factory(list)
+
+    def add(self, other: IngestReport) -> None:
+        for field in ("ingested", "duplicates", "dead_lettered", "decisions", "identified",
+                      "merged"):
+            setattr(self, field, getattr(self, field) + getattr(other, field))
+        self.problems.extend(other.problems)
+
+
+@attrs.frozen
+class Incoming:
+    """One input to ingest: a parsed JSON object, or the reason it could not be
+    parsed; where it came from, and its text for the dead-letter table."""
+
+    raw: Any
+    origin: str = "api"
+    line: int | None = None
+    text: str | None = None
+
+
+def _now_text() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"), sort_keys=True)
+
+
+def _rules_hash(rules: RuleSet) -> str:
+    digest = hashlib.sha256()
+    for source in sorted(rules.sources, key=lambda s: Path(s.path).name):
+        digest.update(Path(source.path).name.encode() + b"\0" + source.text.encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _explain_open_error(path: Path, exc: sqlite3.Error) -> StoreError:
+    text = str(exc)
+    if "not a database" in text:
+        return StoreError(f"{path}: not a SQLite database ({text})")
+    if "unable to open" in text:
+        where = path.parent if str(path.parent) else Path(".")
+        reason = "does not exist" if not where.exists() else "is not writable"
+        return StoreError(f"{path}: cannot open the database: the folder {where} {reason}")
+    if "readonly" in text or "read-only" in text:
+        return StoreError(f"{path}: the database or its folder is read-only ({text})")
+    return StoreError(f"{path}: {text}")
+
+
+def _migrations() -> list[tuple[int, str]]:
+    found = []
+    for entry in resources.files("retention.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def schema_version() -> int:
+    """The schema version this code writes."""
+    return _migrations()[-1][0]
+
+
+class StoredEngine(Engine):
+    """The engine with its state in a SQLite database (see the module docstring)."""
+
+    def __init__(self, path: str | Path, rules: RuleSet | str | Path | None = None, *,
+                 batch_size: int = BATCH):
+        self.path = Path(path)
+        self.batch_size = max(1, int(batch_size))
+        self.db = self._connect(self.path)
+        try:
+            self._migrate()
+            active = self._active_rules()
+            if rules is None and active is None:
+                raise StoreError(f"{self.path}: no rules yet: give a rule file or folder "
+                                 "(retention rules use PATH)")
+            chosen = rules if rules is not None else active
+            loaded = chosen if isinstance(chosen, RuleSet) else load_rules(chosen)
+        except BaseException:
+            self.db.close()
+            raise
+        super().__init__(loaded)
+        #: customers recomputed in the current batch: their ledger is rewritten
+        self._rewrite: set[str] = set()
+        self._full_ledgers: dict[str, list[LedgerEntry]] = {}
+        self._replayed: str | None = None
+        if rules is not None:
+            self._record_rules(loaded)
+
+    # -- opening -----------------------------------------------------------------------
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite_utils.Database:
+        try:
+            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _explain_open_error(path, exc) from None
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            conn.execute("PRAGMA synchronous=NORMAL")
+            # deleted rows are overwritten, so a forgotten customer leaves no trace
+            conn.execute("PRAGMA secure_delete=ON")
+            conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise _explain_open_error(path, exc) from None
+        return sqlite_utils.Database(conn)
+
+    def _migrate(self) -> None:
+        conn = self.db.conn
+        try:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            known = _migrations()
+            latest = known[-1][0]
+            if current > latest:
+                raise StoreError(
+                    f"{self.path}: schema version {current} is newer than this "
+                    f"retention-engine knows ({latest}); upgrade retention-engine")
+            if current == 0 and self.db.table_names():
+                raise StoreError(f"{self.path}: a SQLite database, but not a retention one")
+            for version, script in known:
+                if version > current:
+                    conn.executescript(
+                        f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+        except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            raise _explain_open_error(self.path, exc) from None
+
+    def _active_rules(self) -> RuleSet | None:
+        row = self.db.execute(
+            "SELECT files FROM rule_versions WHERE active = 1").fetchone()
+        if row is None:
+            return None
+        return load_texts([(p, t) for p, t in json.loads(row[0])])
+
+    def _record_rules(self, rules: RuleSet) -> bool:
+        """Make ``rules`` the active version; returns False if it already was."""
+        digest = _rules_hash(rules)
+        row = self.db.execute("SELECT active FROM rule_versions WHERE hash = ?",
+                              [digest]).fetchone()
+        if row is not None and row[0] == 1:
+            return False
+        files = _dumps([[s.path, s.text] for s in rules.sources])
+        with self._writing():
+            self.db.execute("UPDATE rule_versions SET active = 0 WHERE active = 1")
+            self.db.execute(
+                "INSERT INTO rule_versions (hash, files, used_from, active) VALUES (?, ?, ?, 1)"
+                " ON CONFLICT(hash) DO UPDATE SET active = 1, used_from = excluded.used_from",
+                [digest, files, _now_text()])
+        return True
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> StoredEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _writing(self) -> Any:
+        """One transaction; a SQLite failure becomes a StoreError (nothing is kept)."""
+        return _Transaction(self)
+
+    # -- loading and saving customers ---------------------------------------------------
+
+    def _load(self, ids: Iterable[str]) -> None:
+        """Bring the snapshots of ``ids`` (those not already loaded) into memory."""
+        wanted = [cid for cid in dict.fromkeys(ids) if cid not in self._customers]
+        for start in range(0, len(wanted), _CHUNK):
+            part = wanted[start:start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            for cid, blob in self.db.execute(
+                    f"SELECT id, state FROM customers WHERE id IN ({marks})", part):
+                self._customers[cid] = pickle.loads(blob)
+
+    def _loaded(self, cid: str) -> Customer | None:
+        self._load([cid])
+        return self._customers.get(cid)
+
+    def _forget_loaded(self) -> None:
+        self._customers.clear()
+        self._seen.clear()
+        self._seen_from.clear()
+        self._rewrite.clear()
+        self._full_ledgers.clear()
+
+    def _enqueue(self, c: Customer, when: float) -> None:
+        """The store keeps the time in the snapshot (``next_change_at``) instead."""
+
+    def _save(self, touched: Iterable[str], *, rewrite: Iterable[str] = ()) -> None:
+        """Write the snapshots of ``touched``; rewrite the ledger and decisions of
+        ``rewrite`` (customers recomputed from their history)."""
+        rules = self._rules
+        rows = []
+        for cid in touched:
+            c = self._customers[cid]
+            capital = None if c.state is None or c.last is None else capital_at(
+                c.state, rules, c.last[0])
+            rows.append((cid, c.state.opened_at if c.state else None, c.level(rules),
+                         capital, c.last[0] if c.last else None,
+                         c.scheduled if c.scheduled < math.inf else None,
+                         pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)))
+        self.db.conn.executemany(
+            "INSERT INTO customers (id, opened_at, level, capital, last_ts, next_change_at,"
+            " state) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
+            " opened_at = excluded.opened_at, level = excluded.level,"
+            " capital = excluded.capital, last_ts = excluded.last_ts,"
+            " next_change_at = excluded.next_change_at, state = excluded.state", rows)
+        for cid in rewrite:
+            c = self._customers[cid]
+            self.db.execute("DELETE FROM ledger WHERE customer = ?", [cid])
+            ledger = self._full_ledgers.pop(cid, None)
+            if ledger is None:
+                ledger = []
+                self._rebuild(cid, _unpack(c.log), horizon=-math.inf, ledger=ledger)
+            self._insert_ledger(ledger)
+            self._upsert_decisions((c.decisions or {}).values())
+
+    def _insert_ledger(self, entries: Iterable[LedgerEntry]) -> None:
+        self.db.conn.executemany(
+            "INSERT INTO ledger (customer, ts, at, rule, points, event_id, category, reason)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [(e.customer, e.at.timestamp(), e.at.isoformat(), e.rule, e.points, e.event_id,
+              e.category, e.reason) for e in entries])
+
+    @staticmethod
+    def _decision_row(d: Decision) -> tuple[Any, ...]:
+        return (d.id, d.customer, d.rule, d.action, _dumps(dict(d.params)), d.at.isoformat(),
+                d.at.timestamp(), d.kind, d.via, d.trigger, d.status, d.reason)
+
+    def _insert_decisions(self, decisions: Iterable[Decision]) -> None:
+        self.db.conn.executemany(
+            "INSERT OR IGNORE INTO decisions (id, customer, rule, action, params, at, ts,"
+            " kind, via, trigger, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [self._decision_row(d) for d in decisions])
+
+    def _upsert_decisions(self, decisions: Iterable[Decision]) -> None:
+        marks = ",".join("?" * len(UNDELIVERED))
+        self.db.conn.executemany(
+            "INSERT INTO decisions (id, customer, rule, action, params, at, ts, kind, via,"
+            " trigger, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(id) DO UPDATE SET customer = excluded.customer,"
+            " status = excluded.status, reason = excluded.reason"
+            f" WHERE decisions.status IN ({marks})",
+            [(*self._decision_row(d), *UNDELIVERED) for d in decisions])
+
+    # -- replays: the outbox follows the recomputed history ------------------------------
+
+    def _replay(self, c: Customer, ev: Event
+                ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
+        row = _row(ev)
+        ledger: list[LedgerEntry] = []
+        fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
+                                      watch=row, ledger=ledger)
+        new = self._reconcile(c.decisions or {}, fresh)
+        fresh.scheduled = c.scheduled
+        self._customers[c.id] = fresh
+        self._full_ledgers[c.id] = ledger
+        self._replayed = c.id
+        new.sort(key=lambda d: (d.at, d.id))
+        return result[0], result[1], result[2], new
+
+    def _reconcile(self, known: dict[str, Decision], fresh: Customer) -> list[Decision]:
+        """The recomputed history is the truth for what has not left the outbox: a
+        known decision it no longer makes is withdrawn, one it makes again (after a
+        withdrawal) comes back. A decision kept under another id (a merged alias)
+        keeps that id."""
+        truth = fresh.decisions or {}
+        merged: dict[str, Decision] = {}
+        for did, d in truth.items():
+            old = known.get(did)
+            merged[did] = d if old is None or old.id == d.id else attrs.evolve(d, id=old.id)
+        for did, d in known.items():
+            if did not in truth:
+                merged[did] = d if d.status == WITHDRAWN else attrs.evolve(
+                    d, status=WITHDRAWN, reason="the recomputed history no longer makes it")
+        fresh.decisions = merged or None
+        self._rewrite.add(fresh.id)
+        return [d for did, d in truth.items() if did not in known]
+
+    # -- ingestion ---------------------------------------------------------------------
+
+    def ingest(self, items: Iterable[Incoming | Mapping[str, Any]], *, source: str = "",
+               progress: Any = None) -> IngestReport:
+        """Ingest events (mappings or :class:`Incoming`) by batches of ``batch_size``,
+        one transaction each. Unusable input is kept in the dead-letter table with
+        its reason and counted, never raised; ``progress(n)`` is called per batch."""
+        report = IngestReport()
+        batch: list[Incoming] = []
+        for item in items:
+            batch.append(item if isinstance(item, Incoming) else Incoming(raw=item))
+            if len(batch) >= self.batch_size:
+                report.add(self._ingest_batch(batch, source))
+                if progress is not None:
+                    progress(len(batch))
+                batch = []
+        if batch:
+            report.add(self._ingest_batch(batch, source))
+            if progress is not None:
+                progress(len(batch))
+        return report
+
+    def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
+        """Process and store one event (a batch of one). A bad event raises
+        EventError and is kept in the dead-letter table."""
+        raw = event.to_dict() if isinstance(event, Event) else event
+        if isinstance(raw, Mapping) and raw.get("type") == "identify":
+            raise EventError("an identify event links identifiers: give it to ingest()",
+                             field="type", event_id=raw.get("id"))
+        outcomes: list[Outcome] = []
+        report = self._ingest_batch([Incoming(raw=raw)], source, outcomes=outcomes)
+        if report.problems:
+            raise EventError(report.problems[0].split(": ", 1)[-1])
+        if not outcomes:
+            raise EventError("an identify event links identifiers: give it to ingest()")
+        return outcomes[0]
+
+    def _ingest_batch(self, batch: list[Incoming], source: str,
+                      outcomes: list[Outcome] | None = None,
+                      also: Any = None) -> IngestReport:
+        report = IngestReport()
+        dead: list[tuple[Any, ...]] = []
+        steps: list[Any] = []  # Events, and identify requests in input order
+        received = _now_text()
+
+        def reject(item: Incoming, reason: str) -> None:
+            text = item.text if item.text is not None else _dumps(item.raw) \
+                if not isinstance(item.raw, Exception) else ""
+            dead.append((item.origin, item.line, reason, text.rstrip("\n"), received))
+            where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
+            report.problems.append(f"{where}: {reason}")
+
+        for item in batch:
+            raw = item.raw
+            if isinstance(raw, Exception):
+                reject(item, str(raw))
+                continue
+            if isinstance(raw, Mapping) and raw.get("type") == "identify":
+                try:
+                    steps.append(_identify_request(raw))
+                except EventError as exc:
+                    reject(item, str(exc))
+                continue
+            try:
+                steps.append((Event.from_dict(raw, source=source), item))
+            except EventError as exc:
+                reject(item, str(exc))
+
+        try:
+            with self._writing():
+                if also is not None:
+                    also()
+                self._apply_steps(steps, report, reject, outcomes)
+                if dead:
+                    self.db.conn.executemany(
+                        "INSERT INTO dead_letters (origin, line, reason, raw, received_at)"
+                        " VALUES (?, ?, ?, ?, ?)", dead)
+        finally:
+            self._forget_loaded()
+        report.dead_lettered = len(dead)
+        return report
+
+    def _apply_steps(self, steps: list[Any], report: IngestReport, reject: Any,
+                     outcomes: list[Outcome] | None) -> None:
+        events = [s[0] for s in steps if isinstance(s, tuple)]
+        aliases = self._aliases_of({ev.customer for ev in events} | {
+            name for s in steps if isinstance(s, _Identify) for name in s.names()})
+        self._mark_seen(events)
+        self._load({aliases.get(ev.customer, ev.customer) for ev in events})
+        touched: dict[str, None] = {}
+        new_events: list[tuple[Any, ...]] = []
+        ledger: list[LedgerEntry] = []
+        decisions: list[Decision] = []
+        segment: list[tuple[Event, Incoming]] = []
+
+        def run_segment() -> None:
+            segment.sort(key=lambda s: (s[0].ts, s[0].id, s[0].source))
+            for ev, item in segment:
+                canonical = aliases.get(ev.customer, ev.customer)
+                if canonical != ev.customer:
+                    ev = attrs.evolve(ev, customer=canonical)
+                self._load([canonical])
+                self._replayed = None
+                try:
+                    outcome = Engine.process(self, ev)
+                except EventError as exc:
+                    reject(item, str(exc))
+                    continue
+                full = self._full_ledgers.get(canonical)
+                if full is not None and self._replayed != canonical:
+                    full.extend(outcome.ledger)  # after a recomputation in this batch
+                if outcomes is not None:
+                    outcomes.append(outcome)
+                if outcome.duplicate:
+                    report.duplicates += 1
+                    continue
+                report.ingested += 1
+                touched[canonical] = None
+                new_events.append((ev.source, ev.id, canonical, ev.type, ev.at.isoformat(),
+                                   ev.ts, _dumps(dict(ev.props))))
+                if canonical not in self._rewrite:
+                    ledger.extend(outcome.ledger)
+                decisions.extend(outcome.decisions)
+            segment.clear()
+
+        for step in steps:
+            if isinstance(step, tuple):
+                segment.append(step)
+                continue
+            run_segment()
+            report.identified += 1
+            report.merged += self._identify(step, aliases, touched, decisions)
+        run_segment()
+
+        self.db.conn.executemany(
+            "INSERT INTO events (source, id, customer, type, at, ts, props)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)", new_events)
+        # a customer recomputed in this batch has its whole ledger written again
+        self._insert_ledger(e for e in ledger if e.customer not in self._rewrite)
+        self._insert_decisions(d for d in decisions if d.customer not in self._rewrite)
+        self._save(touched, rewrite=[cid for cid in self._rewrite if cid in touched])
+        report.decisions += len(decisions)
+
+    def _mark_seen(self, events: list[Event]) -> None:
+        """Event ids the database already holds count as seen by the engine."""
+        by_source: dict[str, list[str]] = {}
+        for ev in events:
+            by_source.setdefault(ev.source, []).append(ev.id)
+        for src, ids in by_source.items():
+            seen = self._seen if not src else self._seen_from.setdefault(src, {})
+            unique = list(dict.fromkeys(ids))
+            for start in range(0, len(unique), _CHUNK):
+                part = unique[start:start + _CHUNK]
+                marks = ",".join("?" * len(part))
+                for (event_id,) in self.db.execute(
+                        f"SELECT id FROM events WHERE source = ? AND id IN ({marks})",
+                        [src, *part]):
+                    seen[event_id] = None
+
+    def _aliases_of(self, names: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        wanted = list(names)
+        for start in range(0, len(wanted), _CHUNK):
+            part = wanted[start:start + _CHUNK]
+            marks = ",".join("?" * len(part))
+            found.update(self.db.execute(
+                f"SELECT alias, customer FROM aliases WHERE alias IN ({marks})", part))
+        return found
+
+    # -- identity ----------------------------------------------------------------------
+
+    def _identify(self, request: _Identify, aliases: dict[str, str],
+                  touched: dict[str, None], decisions: list[Decision]) -> int:
+        """Link ``request.aliases`` to its customer; merge customers with history."""
+        canonical = aliases.get(request.customer, request.customer)
+        merged = 0
+        for name in request.aliases:
+            other = aliases.get(name, name)
+            if other == canonical:
+                continue
+            # everything that pointed at `other` now points at `canonical`
+            self.db.execute("UPDATE aliases SET customer = ? WHERE customer = ?",
+                            [canonical, other])
+            for alias, target in list(aliases.items()):
+                if target == other:
+                    aliases[alias] = canonical
+            for link in {name, other}:
+                self.db.execute(
+                    "INSERT INTO aliases (alias, customer) VALUES (?, ?)"
+                    " ON CONFLICT(alias) DO UPDATE SET customer = excluded.customer",
+                    [link, canonical])
+                aliases[link] = canonical
+            self._load([other, canonical])
+            if other in self._customers:
+                self._merge(other, canonical, touched)
+                merged += 1
+        return merged
+
+    def _merge(self, other: str, canonical: str, touched: dict[str, None]) -> None:
+        """Fold customer ``other`` into ``canonical``: both logs are replayed as one
+        history; what was decided for either stays decided."""
+        gone = self._customers.pop(other)
+        keep = self._customers.get(canonical)
+        rows = list(_unpack(gone.log))
+        known: dict[str, Decision] = {}
+        horizon = gone.horizon
+        if keep is not None:
+            rows.extend(_unpack(keep.log))
+            known.update(keep.decisions or {})
+            horizon = max(horizon, keep.horizon)
+        for d in (gone.decisions or {}).values():
+            # the same cause, trigger and action, seen from the merged customer
+            known.setdefault(decision_id(canonical, d.rule, d.trigger, d.action), d)
+        ledger: list[LedgerEntry] = []
+        fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)[0]
+        self._reconcile(known, fresh)
+        self._customers[canonical] = fresh
+        self._full_ledgers[canonical] = ledger
+        touched[canonical] = None
+        touched.pop(other, None)
+        self.db.execute("UPDATE events SET customer = ? WHERE customer = ?", [canonical, other])
+        self.db.execute("UPDATE decisions SET customer = ? WHERE customer = ?",
+                        [canonical, other])
+        self.db.execute("DELETE FROM ledger WHERE customer = ?", [other])
+        self.db.execute("DELETE FROM customers WHERE id = ?", [other])
+
+    def resolve(self, customer: str) -> str:
+        """The canonical id of a customer identifier (itself if not an alias)."""
+        row = self.db.execute("SELECT customer FROM aliases WHERE alias = ?",
+                              [customer]).fetchone()
+        return row[0] if row else customer
+
+    # -- time ----------------------------------------------------------------------------
+
+    def tick(self, now: str | datetime) -> list[Decision]:
+        """Apply what time did up to ``now`` to the customers due (found through the
+        index on ``next_change_at``), a transaction per chunk; returns the decisions."""
+        t = _moment(now)
+        due = [cid for (cid,) in self.db.execute(
+            "SELECT id FROM customers WHERE next_change_at <= ? ORDER BY next_change_at, id",
+            [t])]
+        made: list[Decision] = []
+        for start in range(0, len(due), _CHUNK):
+            part = due[start:start + _CHUNK]
+            try:
+                with self._writing():
+                    self._load(part)
+                    found: list[Decision] = []
+                    for cid in part:
+                        found.extend(self._tick_one(self._customers[cid], t))
+                    self._insert_decisions(found)
+                    self._save(part)
+            finally:
+                self._forget_loaded()
+            made.extend(found)
+        made.sort(key=lambda d: (d.at, d.id))
+        return made
+
+    # -- reading -----------------------------------------------------------------------
+
+    def capital(self, customer: str, at: str | datetime | None = None) -> float | None:
+        try:
+            self._load([self.resolve(customer)])
+            return super().capital(self.resolve(customer), at)
+        finally:
+            self._forget_loaded()
+
+    def level(self, customer: str) -> str | None:
+        row = self.db.execute("SELECT level FROM customers WHERE id = ?",
+                              [self.resolve(customer)]).fetchone()
+        return row[0] if row else None
+
+    def next_change(self, customer: str) -> float:
+        row = self.db.execute("SELECT next_change_at FROM customers WHERE id = ?",
+                              [self.resolve(customer)]).fetchone()
+        return math.inf if row is None or row[0] is None else row[0]
+
+    def explain(self, customer: str) -> list[LedgerEntry]:
+        """The stored ledger of one customer, in time order."""
+        rows = self.db.execute(
+            "SELECT customer, rule, points, at, event_id, category, reason FROM ledger"
+            " WHERE customer = ? ORDER BY seq", [self.resolve(customer)])
+        return [LedgerEntry(c, rule, points, datetime.fromisoformat(at), event_id, cat, why)
+                for c, rule, points, at, event_id, cat, why in rows]
+
+    def decisions(self, customer: str | None = None, *, status: str | None = None,
+                  since: str | datetime | None = None) -> list[Decision]:
+        """Decisions in the outbox (of one customer, or all), oldest first."""
+        where, args = ["customer IS NOT NULL"], []
+        if customer is not None:
+            where.append("customer = ?")
+            args.append(self.resolve(customer))
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if since is not None:
+            where.append("ts >= ?")
+            args.append(_moment(since))
+        rows = self.db.execute(
+            "SELECT id, customer, rule, action, params, at, kind, via, trigger, status, reason"
+            f" FROM decisions WHERE {' AND '.join(where)} ORDER BY ts, id", args)
+        return [_decision_of(row) for row in rows]
+
+    def customers(self) -> Iterator[str]:
+        for (cid,) in self.db.execute("SELECT id FROM customers ORDER BY id"):
+            yield cid
+
+    def snapshot(self, customer: str) -> Customer | None:
+        """A copy of one customer's state as stored (None if unknown)."""
+        row = self.db.execute("SELECT state FROM customers WHERE id = ?",
+                              [self.resolve(customer)]).fetchone()
+        return None if row is None else pickle.loads(row[0])
+
+    # -- rules ---------------------------------------------------------------------------
+
+    def use_rules(self, rules: RuleSet | str | Path) -> bool:
+        """Switch to another rule-file version: validated first (a broken one raises
+        RuleFileError and changes nothing), recorded, then every customer is
+        recomputed from their events. Returns False if it was already in use."""
+        new = rules if isinstance(rules, RuleSet) else load_rules(rules)
+        if _rules_hash(new) == _rules_hash(self._rules) and self._active_rules() is not None:
+            return False
+        old_rules = self._rules
+        self._derive(new)
+        try:
+            ids = list(self.customers())
+            for start in range(0, len(ids), _CHUNK):
+                part = ids[start:start + _CHUNK]
+                try:
+                    with self._writing():
+                        self._load(part)
+                        for cid in part:
+                            old = self._customers[cid]
+                            fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
+                            known = old.decisions or {}
+                            if known:
+                                fresh.decisions = {**known, **(fresh.decisions or {})}
+                                for did, d in known.items():  # kept under their own ids
+                                    fresh.decisions[did] = d
+                            self._customers[cid] = fresh
+                            self._schedule(fresh)
+                            self._rewrite.add(cid)
+                        self._save(part, rewrite=part)
+                finally:
+                    self._forget_loaded()
+            self._record_rules(new)
+        except BaseException:
+            self._derive(old_rules)
+            raise
+        return True
+
+    # -- dead letters ---------------------------------------------------------------------
+
+    def dead_letters(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT seq, origin, line, reason, raw, received_at FROM dead_letters ORDER BY seq")
+        return [dict(zip(("seq", "origin", "line", "reason", "raw", "received_at"), r,
+                         strict=True)) for r in rows]
+
+    def retry_dead_letters(self) -> IngestReport:
+        """Ingest the dead letters again (after a fix of the input or the rules): those
+        that now go in leave the table, the others stay with their new reason."""
+        report = IngestReport()
+        letters = self.dead_letters()
+        for start in range(0, len(letters), self.batch_size):
+            part = letters[start:start + self.batch_size]
+            items = []
+            for letter in part:
+                try:
+                    raw: Any = json.loads(letter["raw"])
+                except json.JSONDecodeError as exc:
+                    raw = EventError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+                items.append(Incoming(raw=raw, origin=letter["origin"], line=letter["line"],
+                                      text=letter["raw"]))
+            seqs = [(letter["seq"],) for letter in part]
+            # the old letters go in the same transaction as their new attempt
+            report.add(self._ingest_batch(items, "", also=lambda seqs=seqs: (
+                self.db.conn.executemany("DELETE FROM dead_letters WHERE seq = ?", seqs))))
+        return report
+
+    # -- privacy ---------------------------------------------------------------------------
+
+    def identifiers(self, customer: str) -> list[str]:
+        canonical = self.resolve(customer)
+        names = [canonical] + [a for (a,) in self.db.execute(
+            "SELECT alias FROM aliases WHERE customer = ? ORDER BY alias", [canonical])]
+        return list(dict.fromkeys(names))
+
+    def export(self, customer: str) -> dict[str, Any]:
+        """Everything held about one customer, as plain JSON-ready values."""
+        canonical = self.resolve(customer)
+        events = [
+            {"source": s, "id": i, "type": k, "at": at, **json.loads(props)}
+            for s, i, k, at, props in self.db.execute(
+                "SELECT source, id, type, at, props FROM events WHERE customer = ?"
+                " ORDER BY ts, id, source", [canonical])]
+        snapshot = self.db.execute(
+            "SELECT opened_at, level, capital, last_ts, next_change_at FROM customers"
+            " WHERE id = ?", [canonical]).fetchone()
+        names = self.identifiers(canonical)
+        return {
+            "customer": canonical,
+            "aliases": names[1:],
+            "state": None if snapshot is None else {
+                "opened_at": _iso(snapshot[0]), "level": snapshot[1],
+                "capital_at_last_event": snapshot[2], "last_event_at": _iso(snapshot[3]),
+                "next_change_at": _iso(snapshot[4])},
+            "events": events,
+            "ledger": [e.to_dict() for e in self.explain(canonical)],
+            "decisions": [d.to_dict() for d in self.decisions(canonical)],
+            "dead_letters": [d for d in self.dead_letters() if _mentions(d["raw"], names)],
+        }
+
+    def forget(self, customer: str) -> dict[str, int]:
+        """Erase a customer: events, snapshot, ledger, aliases, dead letters naming
+        them, and the payload of their decisions (kept as anonymous counts). The
+        file is vacuumed and its write-ahead log truncated, so none of their
+        identifiers remains in it. Returns what was erased."""
+        canonical = self.resolve(customer)
+        names = self.identifiers(canonical)
+        erased: dict[str, int] = {}
+        with self._writing():
+            execute = self.db.conn.execute
+            erased["events"] = execute("DELETE FROM events WHERE customer = ?",
+                                       [canonical]).rowcount
+            erased["snapshots"] = execute("DELETE FROM customers WHERE id = ?",
+                                          [canonical]).rowcount
+            erased["ledger"] = execute("DELETE FROM ledger WHERE customer = ?",
+                                       [canonical]).rowcount
+            erased["aliases"] = execute("DELETE FROM aliases WHERE customer = ?",
+                                        [canonical]).rowcount
+            ids = [i for (i,) in execute("SELECT id FROM decisions WHERE customer = ?",
+                                         [canonical])]
+            for did in ids:  # the id is derived from the customer's: replaced too
+                execute("UPDATE decisions SET id = ?, customer = NULL, params = NULL,"
+                        " trigger = NULL WHERE id = ?",
+                        ["forgotten:" + hashlib.sha256(did.encode() + _salt()).hexdigest()[:32],
+                         did])
+            erased["decisions"] = len(ids)
+            doomed = [d["seq"] for d in self.dead_letters() if _mentions(d["raw"], names)]
+            for seq in doomed:
+                execute("DELETE FROM dead_letters WHERE seq = ?", [seq])
+            erased["dead_letters"] = len(doomed)
+            if erased["snapshots"] or erased["events"]:
+                execute("INSERT INTO counters (name, value) VALUES ('forgotten_customers', 1)"
+                        " ON CONFLICT(name) DO UPDATE SET value = value + 1")
+        self.db.execute("VACUUM")
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return erased
+
+    # -- reports -------------------------------------------------------------------------
+
+    def at_risk(self, level: str | None = None, *, now: str | datetime | None = None,
+                limit: int | None = None) -> list[dict[str, Any]]:
+        """Customers at or below a level (default: any level that fired), most urgent
+        (lowest capital now) first."""
+        levels = self._rules.levels
+        names = [lv.name for lv in levels]
+        if level is not None:
+            if level not in names:
+                raise RetentionError(f"unknown level {level!r}; levels: {', '.join(names)}")
+            edge = next(lv.below for lv in levels if lv.name == level)
+            names = [lv.name for lv in levels if lv.below <= edge]
+        if not names:
+            return []
+        marks = ",".join("?" * len(names))
+        rows = list(self.db.execute(
+            f"SELECT id, level, last_ts FROM customers WHERE level IN ({marks})", names))
+        found = []
+        for start in range(0, len(rows), _CHUNK):
+            part = rows[start:start + _CHUNK]
+            self._load([r[0] for r in part])
+            for cid, lvl, last in part:
+                c = self._customers[cid]
+                t = _moment(now) if now is not None else last
+                capital = capital_at(c.state, self._rules, max(t, c.state.opened_at)) \
+                    if c.state is not None else None
+                found.append({"customer": cid, "level": lvl, "capital": capital,
+                              "last_event_at": _iso(last),
+                              "last_contact_at": _iso(c.state.last_contact if c.state else None)})
+            self._forget_loaded()
+        found.sort(key=lambda r: (math.inf if r["capital"] is None else r["capital"],
+                                  r["customer"]))
+        return found[:limit] if limit else found
+
+    def stats(self) -> dict[str, Any]:
+        """Customers by level, capital distribution, decisions by action and status,
+        and the forces by category (points added against points taken)."""
+        db = self.db
+        by_level = {(lvl if lvl is not None else ("none" if opened else "prospect")): n
+                    for lvl, opened, n in db.execute(
+                        "SELECT level, opened_at IS NOT NULL, count(*) FROM customers"
+                        " GROUP BY 1, 2 ORDER BY 1, 2")}
+        capitals = [c for (c,) in db.execute(
+            "SELECT capital FROM customers WHERE capital IS NOT NULL ORDER BY capital")]
+        distribution: dict[str, Any] = {"customers": len(capitals)}
+        if capitals:
+            for name, q in (("min", 0.0), ("p10", 0.1), ("p25", 0.25), ("median", 0.5),
+                            ("p75", 0.75), ("p90", 0.9), ("max", 1.0)):
+                distribution[name] = capitals[min(len(capitals) - 1,
+                                                  int(q * (len(capitals) - 1) + 0.5))]
+            distribution["mean"] = sum(capitals) / len(capitals)
+        decisions = [{"action": a, "status": s, "count": n} for a, s, n in db.execute(
+            "SELECT action, status, count(*) FROM decisions GROUP BY 1, 2 ORDER BY 1, 2")]
+        forces = [{"category": cat, "added": added, "taken": taken, "entries": n}
+                  for cat, added, taken, n in db.execute(
+                      "SELECT category, sum(max(points, 0)), sum(min(points, 0)), count(*)"
+                      " FROM ledger GROUP BY category ORDER BY category")]
+        counters = dict(db.execute("SELECT name, value FROM counters"))
+        return {
+            "customers_by_level": by_level,
+            "capital": distribution,
+            "decisions": decisions,
+            "forces": forces,
+            "events": db.execute("SELECT count(*) FROM events").fetchone()[0],
+            "dead_letters": db.execute("SELECT count(*) FROM dead_letters").fetchone()[0],
+            "forgotten_customers": counters.get("forgotten_customers", 0),
+        }
+
+
+class _Transaction:
+    """``with`` one SQLite transaction; SQLite errors surface as StoreError."""
+
+    def __init__(self, store: StoredEngine):
+        self.store = store
+
+    def __enter__(self) -> None:
+        try:
+            self.store.db.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _explain_open_error(self.store.path, exc) from None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        conn = self.store.db.conn
+        if kind is None:
+            try:
+                conn.execute("COMMIT")
+                return False
+            except sqlite3.Error as error:
+                with suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise _explain_open_error(self.store.path, error) from None
+        with suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        if isinstance(exc, sqlite3.Error):
+            raise _explain_open_error(self.store.path, exc) from None
+        return False
+
+
+@attrs.frozen
+class _Identify:
+    customer: str
+    aliases: tuple[str, ...]
+
+    def names(self) -> list[str]:
+        return [self.customer, *self.aliases]
+
+
+def _identify_request(raw: Mapping[str, Any]) -> _Identify:
+    customer = raw.get("customer")
+    if not isinstance(customer, str) or not customer:
+        raise EventError("identify: missing field 'customer'", field="customer",
+                         event_id=raw.get("id"))
+    aliases = raw.get("aliases")
+    if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+        raise EventError("identify: 'aliases' must be a list of identifiers",
+                         field="aliases", event_id=raw.get("id"))
+    return _Identify(customer=customer, aliases=tuple(a for a in aliases if a != customer))
+
+
+_SALT: list[bytes] = []
+
+
+def _salt() -> bytes:
+    """Random bytes per process, so a forgotten decision's new id leads nowhere."""
+    if not _SALT:
+        import os
+        _SALT.append(os.urandom(16))
+    return _SALT[0]
+
+
+def _mentions(raw: str, names: list[str]) -> bool:
+    return any(json.dumps(name) in raw or name in raw for name in names)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None or ts in (math.inf, -math.inf) else format_instant(ts)
+
+
+def _decision_of(row: tuple[Any, ...]) -> Decision:
+    did, customer, rule, action, params, at, kind, via, trigger, status, reason = row
+    return Decision(id=did, customer=customer, rule=rule, action=action,
+                    params=json.loads(params) if params else {},
+                    at=datetime.fromisoformat(at), kind=kind, via=via, trigger=trigger or "",
+                    status=status, reason=reason)
+
+
+__all__ = ["BATCH", "WITHDRAWN", "Incoming", "IngestReport", "StoreError", "StoredEngine"]
