@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import attrs
 
+from .models import pickled_as_tuple
 from .times import DAY
 
 if TYPE_CHECKING:
@@ -97,6 +98,7 @@ class RateFade:
         return f"fades {self.rate * 100:g}% every {self.per / DAY:g} days"
 
 
+@pickled_as_tuple
 @attrs.define(slots=True)
 class Penalty:
     """A fading penalty: ``points`` taken at ``t0``, remembered at ``max(keep, share)``."""
@@ -125,6 +127,7 @@ class Penalty:
         return self.points * (share if share > self.keep else self.keep)
 
 
+@pickled_as_tuple
 @attrs.define(slots=True)
 class CapitalState:
     """The settled state of one customer's capital (all derivable by replay)."""

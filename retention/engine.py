@@ -35,7 +35,16 @@ from .capital import (
     settle,
 )
 from .errors import EventError
-from .models import HELD_OUT, PENDING, SUPPRESSED, Decision, Event, LedgerEntry, Outcome
+from .models import (
+    HELD_OUT,
+    PENDING,
+    SUPPRESSED,
+    Decision,
+    Event,
+    LedgerEntry,
+    Outcome,
+    pickled_as_tuple,
+)
 from .rules.loader import load_rules
 from .rules.model import ActionRef, RuleSet
 from .times import DAY, TimeFormatError, format_instant, from_seconds, parse_instant
@@ -84,6 +93,7 @@ class _TypePlan(NamedTuple):
     level: bool
 
 
+@pickled_as_tuple
 @attrs.define(slots=True)
 class _Taken:
     """Points a recoverable rule took, kept until a recovery or its window passes."""
@@ -106,6 +116,7 @@ class CustomerView:
     consent: bool
 
 
+@pickled_as_tuple
 @attrs.define(slots=True, eq=False)
 class Customer:
     """One customer's state in the engine."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from datetime import datetime
 from types import MappingProxyType
@@ -11,6 +12,30 @@ import attrs
 
 from .errors import EventError
 from .times import TimeFormatError, parse_instant
+
+
+def pickled_as_tuple(cls: type) -> type:
+    """Pickle an attrs class with slots as a plain tuple of its field values.
+
+    attrs pickles slotted classes through a dict of names, rebuilt field by
+    field: a stored customer snapshot holds many such objects, and the tuple
+    form is about twice as fast both ways and smaller.
+    """
+    names = tuple(a.name for a in attrs.fields(cls))
+    getter = operator.attrgetter(*names)
+    setters = tuple(getattr(cls, name).__set__ for name in names)  # slot descriptors
+
+    def __getstate__(self: Any) -> tuple[Any, ...]:
+        return getter(self) if len(names) > 1 else (getter(self),)
+
+    def __setstate__(self: Any, state: tuple[Any, ...]) -> None:
+        for setter, value in zip(setters, state, strict=True):
+            setter(self, value)
+
+    cls.__getstate__ = __getstate__  # type: ignore[attr-defined]
+    cls.__setstate__ = __setstate__  # type: ignore[attr-defined]
+    return cls
+
 
 #: Fields every event has; everything else in an event is a property.
 CORE_FIELDS = ("id", "customer", "type", "at", "source")
@@ -195,6 +220,7 @@ class LedgerEntry(NamedTuple):
 PENDING, SUPPRESSED, HELD_OUT = "pending", "suppressed", "held_out"
 
 
+@pickled_as_tuple
 @attrs.frozen(kw_only=True, slots=True)
 class Decision:
     """An action the engine decided, with a deterministic id.

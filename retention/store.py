@@ -159,6 +159,8 @@ class StoredEngine(Engine):
         self._rewrite: set[str] = set()
         self._full_ledgers: dict[str, list[LedgerEntry]] = {}
         self._replayed: str | None = None
+        #: customer ids looked up in this batch and not stored
+        self._absent: set[str] = set()
         if rules is not None:
             self._record_rules(loaded)
 
@@ -242,13 +244,17 @@ class StoredEngine(Engine):
 
     def _load(self, ids: Iterable[str]) -> None:
         """Bring the snapshots of ``ids`` (those not already loaded) into memory."""
-        wanted = [cid for cid in dict.fromkeys(ids) if cid not in self._customers]
+        absent = self._absent
+        wanted = [cid for cid in dict.fromkeys(ids)
+                  if cid not in self._customers and cid not in absent]
+        absent.update(wanted)  # until found below: not asked again in this batch
         for start in range(0, len(wanted), _CHUNK):
             part = wanted[start:start + _CHUNK]
             marks = ",".join("?" * len(part))
             for cid, blob in self.db.execute(
                     f"SELECT id, state FROM customers WHERE id IN ({marks})", part):
                 self._customers[cid] = pickle.loads(blob)
+                absent.discard(cid)
 
     def _loaded(self, cid: str) -> Customer | None:
         self._load([cid])
@@ -256,6 +262,7 @@ class StoredEngine(Engine):
 
     def _forget_loaded(self) -> None:
         self._customers.clear()
+        self._absent.clear()
         self._seen.clear()
         self._seen_from.clear()
         self._rewrite.clear()
