@@ -5,19 +5,37 @@ from __future__ import annotations
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
 
 from .engine import Engine
-from .errors import EventError, RuleFileError
+from .errors import EventError, RetentionError, RuleFileError
+from .output import format_options, render
 from .rules.loader import load_rules
 from .times import TimeFormatError, from_seconds, parse_instant
 
 
-@click.group()
+class _Group(click.Group):
+    """Every project error becomes one line on standard error and exit 1: a user
+    mistake never prints a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RuleFileError as exc:
+            for problem in exc.problems:
+                click.echo(str(problem), err=True)
+            sys.exit(1)
+        except RetentionError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group)
 @click.version_option(package_name="retention-engine")
 def cli() -> None:
     """retention: tolerance capital, rupture thresholds and recognition rewards."""
@@ -147,6 +165,469 @@ def _print_summary(summary: dict[str, Any]) -> None:
     s_width = max(len(r["status"]) for r in rows) if rows else 0
     for row in rows:
         click.echo(f"  {row['action']:<{a_width}}  {row['status']:<{s_width}}  {row['count']:>7}")
+
+
+# -- the store ------------------------------------------------------------------------
+
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+
+
+def _db_option(command: Any) -> Any:
+    return click.option("--db", "db_path", type=click.Path(path_type=Path),
+                        default="retention.db", show_default=True, envvar="RETENTION_DB",
+                        help="The SQLite database.")(command)
+
+
+def _rules_option(command: Any) -> Any:
+    return click.option("--rules", "rules_path", type=click.Path(path_type=Path),
+                        default="rules", show_default=True, envvar="RETENTION_RULES",
+                        help="Rule file or folder, used when the database has none yet.")(command)
+
+
+def _open(db_path: Path, rules_path: Path | None = None, *, create: bool = False) -> Any:
+    """The stored engine of ``db_path``: it runs the rules version it last used, or
+    ``rules_path`` when it has none yet. A rules folder that differs from the
+    version in use gets a note, never a silent switch (``retention rules use``)."""
+    from .store import StoredEngine, StoreError, rules_differ
+
+    if not create and not db_path.exists():
+        raise StoreError(f"{db_path}: no such database (retention init, or retention "
+                         "ingest with --rules, creates one)")
+    try:
+        engine = StoredEngine(db_path, None)
+    except StoreError as exc:
+        if "no rules yet" not in str(exc) or rules_path is None:
+            raise
+        if not rules_path.exists():
+            raise StoreError(f"{db_path}: no rules yet and no rules at {rules_path} "
+                             "(give --rules PATH)") from None
+        return StoredEngine(db_path, rules_path)
+    if rules_path is not None and rules_path.exists():
+        with suppress(RuleFileError):
+            if rules_differ(engine, load_rules(rules_path)):
+                click.echo(f"note: {rules_path} differs from the rules in use; "
+                           f"`retention rules use {rules_path}` switches", err=True)
+    return engine
+
+
+def _moment_option(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value).isoformat()
+    except TimeFormatError as exc:
+        raise click.BadParameter(str(exc), param_hint=name) from None
+
+
+def _wall_clock() -> str:
+    from datetime import UTC, datetime
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@cli.command()
+@click.argument("directory", type=click.Path(path_type=Path), default=".")
+@click.option("--force", is_flag=True, help="Overwrite an existing rules/retail.yaml.")
+def init(directory: Path, force: bool) -> None:
+    """Start a project in DIRECTORY: a rules folder with the commented retail rules
+    and an empty database (retention.db)."""
+    from .store import StoredEngine
+
+    rules_dir = directory / "rules"
+    target = rules_dir / "retail.yaml"
+    try:
+        rules_dir.mkdir(parents=True, exist_ok=True)
+        if target.exists() and not force:
+            click.echo(f"kept {target} (exists; --force overwrites)")
+        else:
+            target.write_text((BUNDLED / "retail.yaml").read_text(encoding="utf-8"),
+                              encoding="utf-8")
+            click.echo(f"wrote {target}")
+    except OSError as exc:
+        raise RetentionError(f"cannot write {target}: {exc.strerror}") from None
+    db = directory / "retention.db"
+    with StoredEngine(db, rules_dir) as engine:
+        click.echo(f"database {db} ready: {engine.rules.summary()}")
+    click.echo(f"next: retention ingest --db {db} EVENTS.jsonl")
+
+
+def _incoming(path: str, source: str | None, fmt: str | None,
+              advance: Any) -> Iterator[Any]:
+    """The inputs of one file (``-`` is standard input), parsed lazily."""
+    from .store import Incoming
+
+    origin = "stdin" if path == "-" else path
+    kind = fmt or ("csv" if path.lower().endswith(".csv") else "jsonl")
+    try:
+        handle = click.open_file(path, "r", encoding="utf-8", errors="strict")
+    except OSError as exc:
+        raise RetentionError(f"{path}: cannot open: {exc.strerror}") from None
+    with handle:
+        try:
+            if kind == "csv":
+                yield from _csv_rows(handle, origin, advance)
+                return
+            for number, line in enumerate(handle, 1):
+                advance(len(line.encode("utf-8")))
+                if not line.strip():
+                    continue
+                try:
+                    raw: Any = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raw = EventError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+                if isinstance(raw, dict) and source and not raw.get("source"):
+                    raw["source"] = source
+                yield Incoming(raw=raw, origin=origin, line=number, text=line)
+        except UnicodeDecodeError as exc:
+            raise RetentionError(f"{origin}: not UTF-8 text ({exc.reason} at byte "
+                                 f"{exc.start}); the lines before were ingested") from None
+
+
+def _csv_rows(handle: TextIO, origin: str, advance: Any) -> Iterator[Any]:
+    """CSV with a header: empty cells are absent, numbers become numbers."""
+    import csv
+
+    from .store import Incoming
+
+    reader = csv.reader(handle)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as exc:
+        raise RetentionError(f"{origin}:1: unreadable CSV header: {exc}") from None
+    while True:
+        line = reader.line_num + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield Incoming(raw=EventError(f"unreadable CSV: {exc}"), origin=origin,
+                           line=line, text="")
+            continue
+        text = ",".join(cells)
+        advance(len(text) + 1)
+        if not any(cells):
+            continue
+        if len(cells) != len(header):
+            raw: Any = EventError(f"{len(cells)} cells for {len(header)} columns")
+        else:
+            raw = {k: _csv_value(v) for k, v in zip(header, cells, strict=True) if v != ""}
+        yield Incoming(raw=raw, origin=origin, line=line, text=text)
+
+
+def _csv_value(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@cli.command()
+@_db_option
+@_rules_option
+@click.option("--source", help="Source of events that name none (default: none).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]),
+              help="Input format (default: by extension; JSON Lines for standard input).")
+@click.option("--batch", "batch_size", type=click.IntRange(1), default=1000, show_default=True,
+              help="Events per transaction.")
+@click.argument("files", nargs=-1, required=True)
+def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
+           batch_size: int, files: tuple[str, ...]) -> None:
+    """Ingest events from FILES (JSON Lines or CSV with a header; - for standard input).
+
+    Each batch is one transaction: it lands whole with its decisions, or not at
+    all, so an interrupted ingest is simply run again. Exit 0 when every line
+    was used, 2 when some were dead-lettered (see `retention dead-letters`).
+    """
+    from .store import IngestReport
+
+    engine = _open(db_path, rules_path, create=True)
+    engine.batch_size = batch_size
+    total = IngestReport()
+    with engine:
+        for path in files:
+            size = None if path == "-" else Path(path).stat().st_size \
+                if Path(path).is_file() else None
+            show = sys.stderr.isatty() and size is not None
+            with click.progressbar(length=size or 0, label=path, file=sys.stderr,
+                                   hidden=not show) as bar:
+                report = engine.ingest(_incoming(path, source, fmt, bar.update))
+            total.add(report)
+    for problem in total.problems[:20]:
+        click.echo(problem, err=True)
+    if len(total.problems) > 20:
+        click.echo(f"... and {len(total.problems) - 20} more (retention dead-letters)",
+                   err=True)
+    click.echo(f"ingested {total.ingested}, duplicates {total.duplicates}, "
+               f"dead-lettered {total.dead_lettered}, decisions {total.decisions}"
+               + (f", identities linked {total.identified}" if total.identified else ""))
+    if total.dead_lettered:
+        sys.exit(2)
+
+
+def _decision_rows(decisions: Iterable[Any]) -> list[dict[str, Any]]:
+    return [{"at": d.at.isoformat(), "customer": d.customer, "rule": d.rule,
+             "action": d.action, "kind": d.kind, "status": d.status, "reason": d.reason,
+             "params": dict(d.params), "id": d.id} for d in decisions]
+
+
+_DECISION_COLUMNS = ("at", "customer", "rule", "action", "status", "reason", "params")
+
+
+@cli.command()
+@_db_option
+@_rules_option
+@click.option("--now", help="Apply time up to T (ISO-8601 with a zone; default: the clock).")
+@format_options
+def tick(db_path: Path, rules_path: Path, now: str | None, fmt: str | None) -> None:
+    """Apply what time did (silence, fading, the licence) and print the decisions."""
+    at = _moment_option(now, "--now") or _wall_clock()
+    with _open(db_path, rules_path) as engine:
+        made = engine.tick(at)
+    rows = _decision_rows(made)
+    click.echo(render(rows, fmt, columns=None if fmt in ("json", "nl") else _DECISION_COLUMNS,
+                      empty=f"no decision up to {at}"), nl=False)
+
+
+@cli.command()
+@_db_option
+@click.argument("customer_id")
+@click.option("--at", "at", help="Show the capital at T instead of now.")
+@format_options
+def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -> None:
+    """A customer's capital, level, last contact and explained ledger."""
+    moment = _moment_option(at, "--at") or _wall_clock()
+    with _open(db_path) as engine:
+        canonical = engine.resolve(customer_id)
+        state = engine.snapshot(canonical)
+        if state is None:
+            raise RetentionError(f"unknown customer {customer_id!r}")
+        capital = engine.capital(canonical, moment)
+        ledger = [e for e in engine.explain(canonical) if e.at <= parse_instant(moment)]
+        info = {
+            "customer": canonical,
+            "aliases": engine.identifiers(canonical)[1:],
+            "at": moment,
+            "capital": capital,
+            "level": engine.level(canonical),
+            "last_contact": from_seconds(state.state.last_contact).isoformat()
+            if state.state is not None else None,
+            "consent": state.consent,
+            "ledger": [e.to_dict() for e in ledger],
+        }
+    if fmt in ("json", "nl"):
+        click.echo(json.dumps(info, indent=2 if fmt == "json" else None, default=str))
+        return
+    rows = [{"at": e["at"], "points": e["points"], "rule": e["rule"],
+             "category": e["category"], "reason": e["reason"]} for e in info["ledger"]]
+    if fmt == "csv":
+        click.echo(render(rows, "csv"), nl=False)
+        return
+    capital_text = "not open (a prospect)" if capital is None else f"{capital:.2f}"
+    click.echo(f"customer  {canonical}"
+               + (f" (also {', '.join(info['aliases'])})" if info["aliases"] else ""))
+    click.echo(f"capital   {capital_text} at {moment}")
+    click.echo(f"level     {info['level'] or 'none'}")
+    click.echo(f"contact   last {info['last_contact'] or 'never'}; consent "
+               f"{'yes' if info['consent'] else 'withdrawn'}")
+    click.echo("")
+    click.echo(render(rows, None, empty="(no ledger entry)"), nl=False)
+
+
+@cli.command("at-risk")
+@_db_option
+@click.option("--level", help="At or below this level (default: any level that fired).")
+@click.option("--limit", type=click.IntRange(1), help="At most N customers.")
+@click.option("--at", "at", help="Capital at T (default: each customer's latest event).")
+@format_options
+def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
+            fmt: str | None) -> None:
+    """Customers at or below a level, most urgent (lowest capital) first."""
+    moment = _moment_option(at, "--at")
+    with _open(db_path) as engine:
+        rows = engine.at_risk(level, now=moment, limit=limit)
+    click.echo(render(rows, fmt, empty="no customer at risk"), nl=False)
+
+
+@cli.command()
+@_db_option
+@click.option("--status", help="pending, suppressed, held_out, withdrawn...")
+@click.option("--since", help="Decided at or after T.")
+@click.option("--customer", "customer_id", help="Of one customer.")
+@format_options
+def decisions(db_path: Path, status: str | None, since: str | None, customer_id: str | None,
+              fmt: str | None) -> None:
+    """The decision outbox, oldest first."""
+    moment = _moment_option(since, "--since")
+    with _open(db_path) as engine:
+        rows = _decision_rows(engine.decisions(customer_id, status=status, since=moment))
+    click.echo(render(rows, fmt, columns=None if fmt in ("json", "nl") else _DECISION_COLUMNS,
+                      empty="no decision"), nl=False)
+
+
+@cli.command()
+@_db_option
+@format_options
+def stats(db_path: Path, fmt: str | None) -> None:
+    """Customers by level, capital distribution, decisions, forces by category."""
+    with _open(db_path) as engine:
+        report = engine.stats()
+    if fmt == "json" or fmt == "nl":
+        click.echo(json.dumps(report, indent=2 if fmt == "json" else None))
+        return
+    if fmt == "csv":
+        rows = [{"section": "customers_by_level", "name": k, "value": v}
+                for k, v in report["customers_by_level"].items()]
+        rows += [{"section": "capital", "name": k, "value": v}
+                 for k, v in report["capital"].items()]
+        rows += [{"section": "decisions", "name": f"{d['action']}/{d['status']}",
+                  "value": d["count"]} for d in report["decisions"]]
+        rows += [{"section": "forces", "name": f["category"], "value": f["added"] + f["taken"]}
+                 for f in report["forces"]]
+        click.echo(render(rows, "csv"), nl=False)
+        return
+    click.echo(f"{report['events']} events, {report['dead_letters']} dead letters, "
+               f"{report['forgotten_customers']} customers forgotten\n")
+    click.echo("customers by level")
+    click.echo(render([{"level": k, "customers": v}
+                       for k, v in report["customers_by_level"].items()], None))
+    click.echo("capital at each customer's latest event")
+    click.echo(render([{k: v for k, v in report["capital"].items()}], None))
+    click.echo("decisions by action and status")
+    click.echo(render(report["decisions"], None))
+    click.echo("forces by category (points added, points taken)")
+    click.echo(render(report["forces"], None), nl=False)
+
+
+@cli.command("dead-letters")
+@_db_option
+@_rules_option
+@click.option("--retry", is_flag=True, help="Ingest them again (after a fix).")
+@format_options
+def dead_letters(db_path: Path, rules_path: Path, retry: bool, fmt: str | None) -> None:
+    """Input that could not be used, with the reason; --retry ingests it again."""
+    with _open(db_path, rules_path if retry else None) as engine:
+        if retry:
+            report = engine.retry_dead_letters()
+            click.echo(f"ingested {report.ingested}, duplicates {report.duplicates}, "
+                       f"still dead-lettered {report.dead_lettered}, "
+                       f"decisions {report.decisions}")
+            if report.dead_lettered:
+                sys.exit(2)
+            return
+        rows = engine.dead_letters()
+    click.echo(render(rows, fmt, empty="no dead letter"), nl=False)
+
+
+@cli.command()
+@_db_option
+@click.argument("customer_id")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def forget(db_path: Path, customer_id: str, yes: bool) -> None:
+    """Erase everything held about a customer (counts stay, anonymous)."""
+    with _open(db_path) as engine:
+        names = engine.identifiers(customer_id)
+        if not yes and sys.stdin.isatty():
+            click.confirm(f"erase {', '.join(names)} for good?", abort=True)
+        erased = engine.forget(customer_id)
+    click.echo("erased " + ", ".join(f"{n} {k}" for k, n in erased.items())
+               + f" of {names[0]}; database vacuumed")
+
+
+@cli.command()
+@_db_option
+@click.argument("customer_id")
+@click.option("-o", "--output", type=click.File("w", encoding="utf-8"), default="-",
+              help="Write to FILE (default: standard output).")
+def export(db_path: Path, customer_id: str, output: TextIO) -> None:
+    """Everything held about a customer, as JSON."""
+    with _open(db_path) as engine:
+        data = engine.export(customer_id)
+    if data["state"] is None and not data["events"]:
+        raise RetentionError(f"unknown customer {customer_id!r}")
+    output.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@cli.group()
+def rules() -> None:
+    """Rule-file versions of a database."""
+
+
+@rules.command("use")
+@_db_option
+@click.argument("path", type=click.Path(path_type=Path))
+def rules_use(db_path: Path, path: Path) -> None:
+    """Validate PATH and make it the rules of the database (every customer is
+    recomputed). A broken PATH changes nothing."""
+    new = load_rules(path)  # a broken file stops here: nothing changes
+    with _open(db_path, path, create=True) as engine:
+        changed = engine.use_rules(new)
+    click.echo(f"{'now using' if changed else 'already using'} {path}: {new.summary()}")
+
+
+@rules.command("list")
+@_db_option
+@format_options
+def rules_list(db_path: Path, fmt: str | None) -> None:
+    """Every rules version the database used, the active one marked."""
+    with _open(db_path) as engine:
+        rows = engine.rule_versions()
+    click.echo(render(rows, fmt, empty="no rules version"), nl=False)
+
+
+@cli.command()
+@click.option("--db", "db_path", type=click.Path(path_type=Path),
+              default="retention-demo.db", show_default=True, help="Demo database (recreated).")
+def demo(db_path: Path) -> None:
+    """The main job on the embedded default: the bundled retail rules and example
+    events into a fresh SQLite database, time applied to the end of the period,
+    and the story."""
+    from .store import StoredEngine
+
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db_path}{suffix}").unlink(missing_ok=True)
+    events = BUNDLED / "retail.jsonl"
+    with StoredEngine(db_path, BUNDLED / "retail.yaml") as engine:
+        show = sys.stderr.isatty()
+        with click.progressbar(length=events.stat().st_size, label="ingesting",
+                               file=sys.stderr, hidden=not show) as bar:
+            report = engine.ingest(_incoming(str(events), None, None, bar.update))
+        end = engine.db.execute("SELECT max(ts) FROM events").fetchone()[0]
+        made = engine.tick(from_seconds(end)) if end is not None else []
+        _story(engine, report, from_seconds(end) if end else None, len(made), db_path)
+
+
+def _story(engine: Any, report: Any, end: Any, ticked: int, db_path: Path) -> None:
+    stats = engine.stats()
+    customers = sum(stats["customers_by_level"].values())
+    click.echo(f"{report.ingested} events of {customers} customers ingested into {db_path} "
+               f"({report.decisions} decisions on the way); time applied up to "
+               f"{end.date() if end else '-'}: {ticked} more decisions.\n")
+    click.echo("customers by level: " + ", ".join(
+        f"{k} {v}" for k, v in stats["customers_by_level"].items()))
+    risky = engine.at_risk(limit=5)
+    click.echo("\nmost at risk, and why")
+    for row in risky:
+        ledger = engine.explain(row["customer"])
+        worst = sorted((e for e in ledger if e.points < 0), key=lambda e: e.points)[:2]
+        why = "; ".join(f"{e.reason} ({e.points:+.1f})" for e in worst) or "silence"
+        click.echo(f"  {row['customer']}  capital {row['capital']:.1f}  {row['level']}: {why}")
+    rewards = [d for d in engine.decisions() if d.kind == "in_purchase"
+               or d.rule in {r.name for r in engine.rules.recognition}]
+    granted: Counter[str] = Counter(d.action for d in rewards if d.status == "pending")
+    click.echo("\nrecognition rewards granted: " + (", ".join(
+        f"{a} {n}" for a, n in sorted(granted.items())) or "none"))
+    suppressed = engine.decisions(status="suppressed")
+    by_reason: Counter[tuple[str, str]] = Counter((d.action, d.reason) for d in suppressed)
+    click.echo("suppressed: " + (", ".join(
+        f"{a} {n} ({r})" for (a, r), n in sorted(by_reason.items())) or "none"))
+    held = len(engine.decisions(status="held_out"))
+    click.echo(f"held out (control group): {held}")
+    click.echo(f"\nexplore: retention customer --db {db_path} {risky[0]['customer']}"
+               if risky else "")
 
 
 def main() -> None:  # pragma: no cover - the console script

@@ -135,6 +135,11 @@ def schema_version() -> int:
     return _migrations()[-1][0]
 
 
+def rules_differ(engine: Engine, rules: RuleSet) -> bool:
+    """Whether ``rules`` is another version than the one ``engine`` runs."""
+    return _rules_hash(rules) != _rules_hash(engine.rules)
+
+
 class StoredEngine(Engine):
     """The engine with its state in a SQLite database (see the module docstring)."""
 
@@ -712,6 +717,13 @@ class StoredEngine(Engine):
             self._derive(old_rules)
             raise
         return True
+
+    def rule_versions(self) -> list[dict[str, Any]]:
+        """Every rules version used, oldest first: hash, files, since when, active."""
+        rows = self.db.execute(
+            "SELECT hash, files, used_from, active FROM rule_versions ORDER BY used_from, hash")
+        return [{"hash": h[:12], "files": ", ".join(p for p, _ in json.loads(files)),
+                 "used_from": used, "active": bool(active)} for h, files, used, active in rows]
 
     # -- dead letters ---------------------------------------------------------------------
 
