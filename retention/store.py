@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import pickle
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
@@ -41,11 +40,12 @@ import attrs
 import sqlite_utils
 
 from .capital import capital_at
-from .engine import Customer, Engine, _moment, _row, _unpack, decision_id
+from .engine import Customer, Engine, _moment, _pack, _row, _unpack, decision_id
 from .errors import EventError, RetentionError
 from .models import Decision, Event, LedgerEntry, Outcome
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
+from .snapshot import decode, encode
 from .times import format_instant
 
 #: a decision the recomputed history no longer makes, withdrawn before delivery
@@ -166,6 +166,10 @@ class StoredEngine(Engine):
         self._replayed: str | None = None
         #: customer ids looked up in this batch and not stored
         self._absent: set[str] = set()
+        #: customers loaded without their stored events (see ``_ensure_log``)
+        self._partial: set[str] = set()
+        #: customers merged into another in this batch
+        self._gone: set[str] = set()
         if rules is not None:
             self._record_rules(loaded)
 
@@ -258,7 +262,8 @@ class StoredEngine(Engine):
             marks = ",".join("?" * len(part))
             for cid, blob in self.db.execute(
                     f"SELECT id, state FROM customers WHERE id IN ({marks})", part):
-                self._customers[cid] = pickle.loads(blob)
+                self._customers[cid] = decode(blob)
+                self._partial.add(cid)
                 absent.discard(cid)
 
     def _loaded(self, cid: str) -> Customer | None:
@@ -268,10 +273,35 @@ class StoredEngine(Engine):
     def _forget_loaded(self) -> None:
         self._customers.clear()
         self._absent.clear()
+        self._partial.clear()
+        self._gone.clear()
         self._seen.clear()
         self._seen_from.clear()
         self._rewrite.clear()
         self._full_ledgers.clear()
+
+    def _ensure_log(self, c: Customer) -> None:
+        """Complete ``c.log`` with the events stored before this batch.
+
+        A snapshot does not hold the customer's events (the event log does): most
+        events only append, and a snapshot rewritten at every batch would carry
+        the whole history each time. A recomputation reads them back here.
+        """
+        if c.id not in self._partial:
+            return
+        self._partial.discard(c.id)
+        stored = bytearray()
+        for row in self.db.execute(
+                "SELECT ts, id, source, type, at, props FROM events WHERE customer = ?",
+                [c.id]):
+            stored += _pack((row[0], row[1], row[2], row[3], datetime.fromisoformat(row[4]),
+                             json.loads(row[5])))
+        c.log[:0] = stored
+
+    def _undo(self, c: Customer, mark: int, decided: int) -> None:
+        del c.log[mark:]
+        self._ensure_log(c)
+        super()._undo(c, len(c.log), decided)
 
     def _enqueue(self, c: Customer, when: float) -> None:
         """The store keeps the time in the snapshot (``next_change_at``) instead."""
@@ -279,31 +309,34 @@ class StoredEngine(Engine):
     def _save(self, touched: Iterable[str], *, rewrite: Iterable[str] = ()) -> None:
         """Write the snapshots of ``touched``; rewrite the ledger and decisions of
         ``rewrite`` (customers recomputed from their history)."""
+        for cid in rewrite:
+            c = self._customers[cid]
+            self.db.execute("DELETE FROM ledger WHERE customer = ?", [cid])
+            ledger = self._full_ledgers.pop(cid, None)
+            if ledger is None:
+                self._ensure_log(c)
+                ledger = []
+                self._rebuild(cid, _unpack(c.log), horizon=-math.inf, ledger=ledger)
+            self._insert_ledger(ledger)
+            self._upsert_decisions((c.decisions or {}).values())
         rules = self._rules
         rows = []
         for cid in touched:
             c = self._customers[cid]
             capital = None if c.state is None or c.last is None else capital_at(
                 c.state, rules, c.last[0])
+            c.log = bytearray()  # the event log holds the events (see _ensure_log)
+            self._partial.add(cid)
             rows.append((cid, c.state.opened_at if c.state else None, c.level(rules),
                          capital, c.last[0] if c.last else None,
                          c.scheduled if c.scheduled < math.inf else None,
-                         pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)))
+                         encode(c)))
         self.db.conn.executemany(
             "INSERT INTO customers (id, opened_at, level, capital, last_ts, next_change_at,"
             " state) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET"
             " opened_at = excluded.opened_at, level = excluded.level,"
             " capital = excluded.capital, last_ts = excluded.last_ts,"
             " next_change_at = excluded.next_change_at, state = excluded.state", rows)
-        for cid in rewrite:
-            c = self._customers[cid]
-            self.db.execute("DELETE FROM ledger WHERE customer = ?", [cid])
-            ledger = self._full_ledgers.pop(cid, None)
-            if ledger is None:
-                ledger = []
-                self._rebuild(cid, _unpack(c.log), horizon=-math.inf, ledger=ledger)
-            self._insert_ledger(ledger)
-            self._upsert_decisions((c.decisions or {}).values())
 
     def _insert_ledger(self, entries: Iterable[LedgerEntry]) -> None:
         self.db.conn.executemany(
@@ -337,6 +370,7 @@ class StoredEngine(Engine):
 
     def _replay(self, c: Customer, ev: Event
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
+        self._ensure_log(c)
         row = _row(ev)
         ledger: list[LedgerEntry] = []
         fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
@@ -468,6 +502,11 @@ class StoredEngine(Engine):
                 canonical = aliases.get(ev.customer, ev.customer)
                 if canonical != ev.customer:
                     ev = attrs.evolve(ev, customer=canonical)
+                try:
+                    props = json.dumps(ev.props, separators=(",", ":"), ensure_ascii=False)
+                except (TypeError, ValueError) as exc:
+                    reject(item, f"event {ev.id}: a property value is not JSON: {exc}")
+                    continue
                 self._load([canonical])
                 self._replayed = None
                 try:
@@ -486,7 +525,7 @@ class StoredEngine(Engine):
                 report.ingested += 1
                 touched[canonical] = None
                 new_events.append((ev.source, ev.id, canonical, ev.type, ev.at.isoformat(),
-                                   ev.ts, _dumps(dict(ev.props))))
+                                   ev.ts, props))
                 if canonical not in self._rewrite:
                     ledger.extend(outcome.ledger)
                 decisions.extend(outcome.decisions)
@@ -501,11 +540,14 @@ class StoredEngine(Engine):
             report.merged += self._identify(step, aliases, touched, decisions)
         run_segment()
 
+        if self._gone:  # events of a customer merged since: under the merged one
+            new_events = [(*r[:2], aliases.get(r[2], r[2]), *r[3:]) for r in new_events]
         self.db.conn.executemany(
             "INSERT INTO events (source, id, customer, type, at, ts, props)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", new_events)
         # a customer recomputed in this batch has its whole ledger written again
-        self._insert_ledger(e for e in ledger if e.customer not in self._rewrite)
+        skip = self._rewrite | self._gone
+        self._insert_ledger(e for e in ledger if e.customer not in skip)
         self._insert_decisions(d for d in decisions if d.customer not in self._rewrite)
         self._save(touched, rewrite=[cid for cid in self._rewrite if cid in touched])
         report.decisions += len(decisions)
@@ -570,6 +612,10 @@ class StoredEngine(Engine):
         history; what was decided for either stays decided."""
         gone = self._customers.pop(other)
         keep = self._customers.get(canonical)
+        self._ensure_log(gone)
+        if keep is not None:
+            self._ensure_log(keep)
+        self._gone.add(other)
         rows = list(_unpack(gone.log))
         known: dict[str, Decision] = {}
         horizon = gone.horizon
@@ -628,9 +674,13 @@ class StoredEngine(Engine):
     # -- reading -----------------------------------------------------------------------
 
     def capital(self, customer: str, at: str | datetime | None = None) -> float | None:
+        canonical = self.resolve(customer)
         try:
-            self._load([self.resolve(customer)])
-            return super().capital(self.resolve(customer), at)
+            self._load([canonical])
+            c = self._customers.get(canonical)
+            if c is not None and at is not None:
+                self._ensure_log(c)
+            return super().capital(canonical, at)
         finally:
             self._forget_loaded()
 
@@ -678,7 +728,7 @@ class StoredEngine(Engine):
         """A copy of one customer's state as stored (None if unknown)."""
         row = self.db.execute("SELECT state FROM customers WHERE id = ?",
                               [self.resolve(customer)]).fetchone()
-        return None if row is None else pickle.loads(row[0])
+        return None if row is None else decode(row[0])
 
     # -- rules ---------------------------------------------------------------------------
 
@@ -700,6 +750,7 @@ class StoredEngine(Engine):
                         self._load(part)
                         for cid in part:
                             old = self._customers[cid]
+                            self._ensure_log(old)
                             fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
                             known = old.decisions or {}
                             if known:

@@ -1,0 +1,141 @@
+"""Cost of the SQLite store: ingest against raw inserts, tick with a million customers.
+
+    python benchmarks/store.py                  # 300,000 events; tick with 1,000,000 stored
+    python benchmarks/store.py --events 50000 --customers 5000 --tick-customers 100000
+
+Prints, on the same generated events (benchmarks/engine.py's generator, retail
+rules): the throughput of a raw sqlite-utils ``insert_all`` of the event rows
+alone (the same columns and primary key as the store's event log: the floor of
+what storage costs here), the throughput of ``StoredEngine.ingest`` (batches of
+1,000 events, one transaction each), their ratio, the resident memory at
+every tenth of the ingest (flat: only the batch's customers are in memory),
+the time of a ``tick`` in a database of N stored customers of which 1% are
+due, and the peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import sqlite_utils
+from engine import RULES, generate
+
+from retention import Engine
+
+
+def rss_mb() -> float:
+    """Resident memory now (Linux), in MB."""
+    with open("/proc/self/statm") as handle:
+        pages = int(handle.read().split()[1])
+    return pages * resource.getpagesize() / 1e6
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def raw_insert(events: list[dict], path: Path) -> float:
+    """Events per second of sqlite-utils inserting the event rows alone."""
+    db = sqlite_utils.Database(path)
+    db.enable_wal()
+    db.execute("PRAGMA synchronous=NORMAL")
+    db["events"].create({"source": str, "id": str, "customer": str, "type": str, "at": str,
+                         "ts": float, "props": str}, pk=("source", "id"))
+    db["events"].create_index(["customer", "ts"])
+    core = {"id", "customer", "type", "at", "source"}
+    started = time.perf_counter()
+    rows = ({"source": e.get("source", ""), "id": e["id"], "customer": e["customer"],
+             "type": e["type"], "at": e["at"], "ts": 0.0,
+             "props": json.dumps({k: v for k, v in e.items() if k not in core})}
+            for e in events)
+    db["events"].insert_all(rows, batch_size=1000)
+    elapsed = time.perf_counter() - started
+    db.close()
+    return len(events) / elapsed
+
+
+def ingest(events: list[dict], path: Path, marks: int = 10) -> tuple[float, list[float]]:
+    """Events per second of the store's ingest, and the memory at each tenth."""
+    engine = Engine.open(path, rules=RULES)
+    step = max(1, len(events) // marks)
+    memory: list[float] = []
+    started = time.perf_counter()
+    for start in range(0, len(events), step):
+        engine.ingest(events[start:start + step])
+        memory.append(rss_mb())
+    elapsed = time.perf_counter() - started
+    engine.close()
+    return len(events) / elapsed, memory
+
+
+def tick_with(customers: int, folder: Path, seed: int) -> None:
+    """A database of ``customers`` stored customers, then a tick that finds 1% due."""
+    path = folder / "big.db"
+    engine = Engine.open(path, rules=RULES, batch_size=5000)
+    started = time.perf_counter()
+    chunk = 100_000
+    for first in range(0, customers, chunk):
+        part = generate(min(chunk, customers - first), 1.0, seed + first)
+        for event in part:  # distinct customers and ids per chunk
+            event["customer"] = f"b{first}-{event['customer']}"
+            event["id"] = f"b{first}-{event['id']}"
+        engine.ingest(part)
+        del part
+    stored = engine.db.execute("SELECT count(*) FROM customers").fetchone()[0]
+    print(f"stored {stored:,} customers in {time.perf_counter() - started:.0f} s "
+          f"(memory now {rss_mb():,.0f} MB)")
+    due_wanted = max(1, stored // 100)
+    row = engine.db.execute(
+        "SELECT next_change_at FROM customers WHERE next_change_at IS NOT NULL"
+        " ORDER BY next_change_at LIMIT 1 OFFSET ?", [due_wanted - 1]).fetchone()
+    from retention.times import from_seconds
+    now = from_seconds(row[0])
+    gc.collect()
+    started = time.perf_counter()
+    made = engine.tick(now)
+    elapsed = time.perf_counter() - started
+    print(f"tick with {stored:,} stored customers, {due_wanted:,} due: {len(made):,} decisions "
+          f"in {elapsed * 1000:,.0f} ms")
+    engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=300_000)
+    parser.add_argument("--customers", type=int, default=30_000)
+    parser.add_argument("--tick-customers", type=int, default=1_000_000)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args()
+
+    events = generate(args.customers, args.events / args.customers, args.seed)
+    print(f"generated {len(events):,} events for {args.customers:,} customers")
+    gc.collect()
+    gc.freeze()
+    with tempfile.TemporaryDirectory() as folder:
+        raw = raw_insert(events, Path(folder) / "raw.db")
+        print(f"raw sqlite-utils insert of the event rows: {raw:,.0f} events/s")
+        rate, memory = ingest(events, Path(folder) / "store.db")
+        print(f"retention ingest (retail rules, batches of 1,000): {rate:,.0f} events/s")
+        print(f"ingest / raw insert: {rate / raw:.0%}")
+        print("memory at each tenth of the ingest (MB): "
+              + " ".join(f"{m:,.0f}" for m in memory)
+              + f" (growth from the first tenth: {memory[-1] - memory[0]:+,.0f} MB)")
+        del events
+        gc.unfreeze()
+        gc.collect()
+        tick_with(args.tick_customers, Path(folder), args.seed + 1)
+    print(f"peak memory (max RSS): {peak_mb():,.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

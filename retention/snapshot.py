@@ -1,0 +1,144 @@
+"""A customer's state as bytes, for the store's snapshots.
+
+Plain values go through marshal: a nested tuple of numbers, strings, lists and
+dicts encodes and decodes several times faster than pickling the objects
+themselves, and is smaller. A state holding something marshal cannot carry (a
+decision parameter of an unusual type, a time zone with rules) is pickled
+whole instead; the first byte says which.
+"""
+
+from __future__ import annotations
+
+import marshal
+import pickle
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
+from .engine import Customer, _Taken
+from .models import Decision
+
+_MARSHAL, _PICKLE = b"M", b"P"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+_new = object.__new__
+
+#: encoded fade -> the fade object, shared by every penalty that uses it
+_FADES: dict[tuple[Any, ...], Any] = {}
+
+
+class _Unfit(Exception):
+    """A value the marshal form cannot carry exactly."""
+
+
+def _fade_out(fade: Any) -> tuple[Any, ...]:
+    kind = type(fade)
+    if kind is LinearFade:
+        return ("L", fade.over)
+    if kind is HalfLifeFade:
+        return ("H", fade.half_life)
+    if kind is RateFade:
+        return ("R", fade.rate, fade.per)
+    raise _Unfit(kind.__name__)
+
+
+def _fade_in(code: tuple[Any, ...]) -> Any:
+    fade = _FADES.get(code)
+    if fade is None:
+        kind = code[0]
+        fade = (LinearFade(code[1]) if kind == "L" else HalfLifeFade(code[1])
+                if kind == "H" else RateFade(code[1], code[2]))
+        _FADES[code] = fade
+    return fade
+
+
+def _penalty_out(p: Penalty) -> tuple[Any, ...]:
+    return (p.points, p.t0, _fade_out(p.fade), p.keep, p.rule, p.event_id, p.settles_at)
+
+
+def _penalty_in(row: tuple[Any, ...]) -> Penalty:
+    p = _new(Penalty)
+    p.__setstate__((row[0], row[1], _fade_in(row[2]), *row[3:]))
+    return p
+
+
+def _moment_out(at: datetime) -> tuple[int, int]:
+    zone, offset = at.tzinfo, at.utcoffset()
+    if type(zone) is not timezone or offset is None or offset.microseconds:
+        raise _Unfit("time zone")
+    return (at - _EPOCH) // timedelta(microseconds=1), offset // _SECOND
+
+
+def _moment_in(micros: int, offset: int) -> datetime:
+    zone = UTC if offset == 0 else timezone(timedelta(seconds=offset))
+    return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
+
+
+def _decision_out(d: Decision) -> tuple[Any, ...]:
+    micros, offset = _moment_out(d.at)
+    return (d.id, d.customer, d.rule, d.action, dict(d.params), micros, offset, d.kind, d.via,
+            d.trigger, d.status, d.reason)
+
+
+def _decision_in(row: tuple[Any, ...]) -> Decision:
+    d = _new(Decision)
+    d.__setstate__((*row[:5], _moment_in(row[5], row[6]), *row[7:]))
+    return d
+
+
+def _taken_out(t: _Taken) -> tuple[Any, ...]:
+    return (t.at, None if t.penalty is None else _penalty_out(t.penalty), t.permanent,
+            t.recovered)
+
+
+def _taken_in(row: tuple[Any, ...]) -> _Taken:
+    t = _new(_Taken)
+    t.__setstate__((row[0], None if row[1] is None else _penalty_in(row[1]), *row[2:]))
+    return t
+
+
+def encode(c: Customer) -> bytes:
+    """The bytes of a customer's state (its ``log`` included as it is)."""
+    try:
+        s = c.state
+        state = None if s is None else (
+            s.balance, s.opened_at, s.last_contact, s.clean_since, s.steps,
+            tuple(_penalty_out(p) for p in s.penalties))
+        values = (
+            c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
+            c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded, c.windows,
+            c.repeats,
+            None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
+            c.pressure,
+            None if c.decisions is None else {k: _decision_out(d)
+                                              for k, d in c.decisions.items()},
+            c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
+        return _MARSHAL + marshal.dumps(values)
+    except (_Unfit, ValueError):
+        return _PICKLE + pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def decode(blob: bytes) -> Customer:
+    """The customer ``encode`` gave these bytes for."""
+    if blob[:1] == _PICKLE:
+        return pickle.loads(blob[1:])
+    v = marshal.loads(blob[1:])
+    state = v[3]
+    if state is not None:
+        s = _new(CapitalState)
+        penalties = [_penalty_in(p) for p in state[5]] if state[5] else ()
+        s.__setstate__((*state[:5], penalties))
+        state = s
+    windows = v[13]
+    if windows is not None:
+        windows = {k: tuple(w) for k, w in windows.items()}
+    taken = v[15]
+    if taken is not None:
+        taken = {k: _taken_in(t) for k, t in taken.items()}
+    decisions = v[17]
+    if decisions is not None:
+        decisions = {k: _decision_in(d) for k, d in decisions.items()}
+    c = _new(Customer)
+    c.__setstate__((v[0], bytearray(v[1]), v[2], state, bytearray(v[4]), bytearray(v[5]),
+                    *v[6:13], windows, v[14], taken, v[16], decisions, *v[18:]))
+    return c
