@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
@@ -154,11 +155,13 @@ class StoredEngine(Engine):
             if rules is None and active is None:
                 raise StoreError(f"{self.path}: no rules yet: give a rule file or folder "
                                  "(retention rules use PATH)")
-            chosen = rules if rules is not None else active
-            loaded = chosen if isinstance(chosen, RuleSet) else load_rules(chosen)
+            given = None if rules is None else rules if isinstance(rules, RuleSet) \
+                else load_rules(rules)  # a broken file stops here: nothing changes
+            loaded = active if active is not None else given
         except BaseException:
             self.db.close()
             raise
+        assert loaded is not None
         super().__init__(loaded)
         #: customers recomputed in the current batch: their ledger is rewritten
         self._rewrite: set[str] = set()
@@ -170,8 +173,11 @@ class StoredEngine(Engine):
         self._partial: set[str] = set()
         #: customers merged into another in this batch
         self._gone: set[str] = set()
-        if rules is not None:
-            self._record_rules(loaded)
+        if given is not None:
+            if active is None:
+                self._record_rules(given)
+            else:  # another version: recorded, and every customer recomputed with it
+                self.use_rules(given)
 
     # -- opening -----------------------------------------------------------------------
 
@@ -227,14 +233,18 @@ class StoredEngine(Engine):
                               [digest]).fetchone()
         if row is not None and row[0] == 1:
             return False
-        files = _dumps([[s.path, s.text] for s in rules.sources])
         with self._writing():
-            self.db.execute("UPDATE rule_versions SET active = 0 WHERE active = 1")
-            self.db.execute(
-                "INSERT INTO rule_versions (hash, files, used_from, active) VALUES (?, ?, ?, 1)"
-                " ON CONFLICT(hash) DO UPDATE SET active = 1, used_from = excluded.used_from",
-                [digest, files, _now_text()])
+            self._activate(rules)
         return True
+
+    def _activate(self, rules: RuleSet) -> None:
+        """Inside a transaction: record ``rules`` as the active version."""
+        files = _dumps([[s.path, s.text] for s in rules.sources])
+        self.db.execute("UPDATE rule_versions SET active = 0 WHERE active = 1")
+        self.db.execute(
+            "INSERT INTO rule_versions (hash, files, used_from, active) VALUES (?, ?, ?, 1)"
+            " ON CONFLICT(hash) DO UPDATE SET active = 1, used_from = excluded.used_from",
+            [_rules_hash(rules), files, _now_text()])
 
     def close(self) -> None:
         self.db.close()
@@ -743,27 +753,25 @@ class StoredEngine(Engine):
         self._derive(new)
         try:
             ids = list(self.customers())
-            for start in range(0, len(ids), _CHUNK):
-                part = ids[start:start + _CHUNK]
-                try:
-                    with self._writing():
+            # one transaction: every customer moves to the new version, or none does
+            with self._writing():
+                for start in range(0, len(ids), _CHUNK):
+                    part = ids[start:start + _CHUNK]
+                    try:
                         self._load(part)
                         for cid in part:
                             old = self._customers[cid]
                             self._ensure_log(old)
                             fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
-                            known = old.decisions or {}
-                            if known:
-                                fresh.decisions = {**known, **(fresh.decisions or {})}
-                                for did, d in known.items():  # kept under their own ids
-                                    fresh.decisions[did] = d
+                            if old.decisions:  # what was decided stays as it was
+                                fresh.decisions = {**(fresh.decisions or {}), **old.decisions}
                             self._customers[cid] = fresh
                             self._schedule(fresh)
                             self._rewrite.add(cid)
                         self._save(part, rewrite=part)
-                finally:
-                    self._forget_loaded()
-            self._record_rules(new)
+                    finally:
+                        self._forget_loaded()
+                self._activate(new)
         except BaseException:
             self._derive(old_rules)
             raise
@@ -1007,7 +1015,9 @@ def _salt() -> bytes:
 
 
 def _mentions(raw: str, names: list[str]) -> bool:
-    return any(json.dumps(name) in raw or name in raw for name in names)
+    """Whether a raw input names one of ``names`` (as a JSON string or a CSV cell)."""
+    return any(json.dumps(name) in raw or re.search(
+        rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw) for name in names)
 
 
 def _iso(ts: float | None) -> str | None:
