@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import click
 
 from .engine import Engine
 from .errors import EventError, RetentionError, RuleFileError
+from .models import CORE_FIELDS
 from .output import format_options, render
 from .rules.loader import load_rules
 from .times import TimeFormatError, from_seconds, parse_instant
@@ -64,7 +66,7 @@ def _read_events(handle: TextIO, name: str) -> Iterator[tuple[int, str, Any]]:
         try:
             yield number, line, json.loads(line)
         except json.JSONDecodeError as exc:
-            yield number, line, EventError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+            yield number, line, EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 @cli.command()
@@ -210,6 +212,18 @@ def _open(db_path: Path, rules_path: Path | None = None, *, create: bool = False
     return engine
 
 
+def _has_rules(db_path: Path) -> bool:
+    from .store import StoredEngine, StoreError
+
+    try:
+        StoredEngine(db_path, None).close()
+    except StoreError as exc:
+        if "no rules yet" in str(exc):
+            return False
+        raise
+    return True
+
+
 def _moment_option(value: str | None, name: str) -> str | None:
     if value is None:
         return None
@@ -250,79 +264,122 @@ def init(directory: Path, force: bool) -> None:
     click.echo(f"next: retention ingest --db {db} EVENTS.jsonl")
 
 
+def _check_text_file(path: Path) -> None:
+    """Refuse, whole, a file that is not text (an image, a database, an archive): its
+    lines would only fill the dead-letter table. A bad line inside a text file is
+    dead-lettered, as any unusable line."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8192)
+    except FileNotFoundError:
+        raise RetentionError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise RetentionError(f"{path}: cannot read: {exc.strerror}") from None
+    if b"\0" in head:
+        raise RetentionError(f"{path}: not UTF-8 text (a NUL byte at {head.index(0)}); "
+                             "not a file of events, nothing ingested")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.end < len(head) - 3 or len(head) < 8192:  # not a character cut at the end
+            bad = sum(1 for byte in head if byte >= 0x80)
+            if bad * 10 > len(head):
+                raise RetentionError(
+                    f"{path}: not UTF-8 text (byte 0x{head[exc.start]:02x} at {exc.start}); "
+                    "not a file of events, nothing ingested") from None
+
+
+def _json_line(line: str) -> Any:
+    """A parsed JSON line, or the EventError that says why it is not one."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        return EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+
+
+def _decoded(handle: BinaryIO, advance: Any) -> Iterator[tuple[int, str | None, str]]:
+    """(line number, text or None if not UTF-8, text to keep) of each line."""
+    for number, data in enumerate(handle, 1):
+        advance(len(data))
+        try:
+            yield number, data.decode("utf-8"), ""
+        except UnicodeDecodeError as exc:
+            kept = data.decode("utf-8", errors="backslashreplace")
+            yield number, None, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column " \
+                f"{exc.start + 1}\0{kept}"
+
+
 def _incoming(path: str, source: str | None, fmt: str | None,
               advance: Any) -> Iterator[Any]:
-    """The inputs of one file (``-`` is standard input), parsed lazily."""
+    """The inputs of one file (``-`` is standard input), parsed lazily, line by line:
+    a line that cannot be used (not UTF-8, not JSON, a broken CSV row) becomes a
+    dead letter with its reason, and the lines after it are read on."""
     from .store import Incoming
 
     origin = "stdin" if path == "-" else path
     kind = fmt or ("csv" if path.lower().endswith(".csv") else "jsonl")
     try:
-        handle = click.open_file(path, "r", encoding="utf-8", errors="strict")
+        handle = click.open_file(path, "rb")
     except OSError as exc:
         raise RetentionError(f"{path}: cannot open: {exc.strerror}") from None
+    header: list[str] | None = None
     with handle:
-        try:
-            if kind == "csv":
-                yield from _csv_rows(handle, origin, advance)
-                return
-            for number, line in enumerate(handle, 1):
-                advance(len(line.encode("utf-8")))
-                if not line.strip():
-                    continue
-                try:
-                    raw: Any = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raw = EventError(f"invalid JSON: {exc.msg} at column {exc.colno}")
-                if isinstance(raw, dict) and source and not raw.get("source"):
-                    raw["source"] = source
-                yield Incoming(raw=raw, origin=origin, line=number, text=line)
-        except UnicodeDecodeError as exc:
-            raise RetentionError(f"{origin}: not UTF-8 text ({exc.reason} at byte "
-                                 f"{exc.start}); the lines before were ingested") from None
+        for number, line, problem in _decoded(handle, advance):
+            if line is None:
+                reason, kept = problem.split("\0", 1)
+                yield Incoming(raw=EventError(reason), origin=origin, line=number, text=kept,
+                               retriable=False)
+                continue
+            if not line.strip():
+                continue
+            if kind == "jsonl":
+                raw = _json_line(line)
+            elif header is None:
+                header = _csv_cells(line)
+                if not isinstance(header, list):
+                    raise RetentionError(f"{origin}:{number}: unreadable CSV header: {header}")
+                continue
+            else:
+                raw = _csv_event(header, line)
+            if isinstance(raw, dict) and source and not raw.get("source"):
+                raw["source"] = source
+            # a CSV row is kept as the JSON object it made, so a retry reads it again
+            text = line if kind == "jsonl" or not isinstance(raw, dict) else json.dumps(raw)
+            yield Incoming(raw=raw, origin=origin, line=number, text=text,
+                           retriable=kind == "jsonl" or isinstance(raw, dict))
 
 
-def _csv_rows(handle: TextIO, origin: str, advance: Any) -> Iterator[Any]:
-    """CSV with a header: empty cells are absent, numbers become numbers."""
+def _csv_cells(line: str) -> list[str] | EventError:
     import csv
 
-    from .store import Incoming
-
-    reader = csv.reader(handle)
     try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as exc:
-        raise RetentionError(f"{origin}:1: unreadable CSV header: {exc}") from None
-    while True:
-        line = reader.line_num + 1
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield Incoming(raw=EventError(f"unreadable CSV: {exc}"), origin=origin,
-                           line=line, text="")
+        return next(csv.reader([line]))
+    except (csv.Error, StopIteration) as exc:
+        return EventError(f"unreadable CSV row: {exc}")
+
+
+#: a CSV cell read as a number: plain decimal notation, no leading zero (an "007" is text)
+_NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")
+
+
+def _csv_event(header: list[str], line: str) -> dict[str, Any] | EventError:
+    """A CSV row as an event: empty cells are absent; a property cell in plain decimal
+    notation is a number; the event's own fields (id, customer, type, at, source)
+    stay text."""
+    cells = _csv_cells(line)
+    if not isinstance(cells, list):
+        return cells
+    if len(cells) != len(header):
+        return EventError(f"{len(cells)} cells for {len(header)} columns")
+    event: dict[str, Any] = {}
+    for name, cell in zip(header, cells, strict=True):
+        if cell == "":
             continue
-        text = ",".join(cells)
-        advance(len(text) + 1)
-        if not any(cells):
-            continue
-        if len(cells) != len(header):
-            raw: Any = EventError(f"{len(cells)} cells for {len(header)} columns")
+        if name not in CORE_FIELDS and _NUMBER.fullmatch(cell):
+            event[name] = float(cell) if "." in cell else int(cell)
         else:
-            raw = {k: _csv_value(v) for k, v in zip(header, cells, strict=True) if v != ""}
-        yield Incoming(raw=raw, origin=origin, line=line, text=text)
-
-
-def _csv_value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+            event[name] = cell
+    return event
 
 
 @cli.command()
@@ -344,6 +401,9 @@ def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
     """
     from .store import IngestReport
 
+    for path in files:  # before anything is created
+        if path != "-":
+            _check_text_file(Path(path))
     engine = _open(db_path, rules_path, create=True)
     engine.batch_size = batch_size
     total = IngestReport()
@@ -368,6 +428,14 @@ def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
         sys.exit(2)
 
 
+def _count(n: int, plural: str) -> str:
+    """``1 event``, ``2 events`` (plural given, with underscores for spaces)."""
+    word = plural.replace("_", " ")
+    if n == 1:
+        word = word[:-1] if not word.endswith("ies") else word[:-3] + "y"
+    return f"{n} {word}"
+
+
 def _decision_rows(decisions: Iterable[Any]) -> list[dict[str, Any]]:
     return [{"at": d.at.isoformat(), "customer": d.customer, "rule": d.rule,
              "action": d.action, "kind": d.kind, "status": d.status, "reason": d.reason,
@@ -375,6 +443,12 @@ def _decision_rows(decisions: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 _DECISION_COLUMNS = ("at", "customer", "rule", "action", "status", "reason", "params")
+_DECISION_ALL = ("id", "at", "customer", "rule", "action", "kind", "status", "reason", "params")
+
+
+def _decision_columns(fmt: str | None) -> tuple[str, ...]:
+    """The table shows what a reader needs; machine formats carry every field."""
+    return _DECISION_COLUMNS if fmt is None else _DECISION_ALL
 
 
 @cli.command()
@@ -388,7 +462,7 @@ def tick(db_path: Path, rules_path: Path, now: str | None, fmt: str | None) -> N
     with _open(db_path, rules_path) as engine:
         made = engine.tick(at)
     rows = _decision_rows(made)
-    click.echo(render(rows, fmt, columns=None if fmt in ("json", "nl") else _DECISION_COLUMNS,
+    click.echo(render(rows, fmt, columns=_decision_columns(fmt),
                       empty=f"no decision up to {at}"), nl=False)
 
 
@@ -430,7 +504,7 @@ def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -
     click.echo(f"customer  {canonical}"
                + (f" (also {', '.join(info['aliases'])})" if info["aliases"] else ""))
     click.echo(f"capital   {capital_text} at {moment}")
-    click.echo(f"level     {info['level'] or 'none'}")
+    click.echo(f"level     {info['level'] or 'none'} (after the latest event or tick)")
     click.echo(f"contact   last {info['last_contact'] or 'never'}; consent "
                f"{'yes' if info['consent'] else 'withdrawn'}")
     click.echo("")
@@ -449,7 +523,8 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
     moment = _moment_option(at, "--at")
     with _open(db_path) as engine:
         rows = engine.at_risk(level, now=moment, limit=limit)
-    click.echo(render(rows, fmt, empty="no customer at risk"), nl=False)
+    click.echo(render(rows, fmt, empty="no customer at risk", columns=(
+        "customer", "level", "capital", "last_event_at", "last_contact_at")), nl=False)
 
 
 @cli.command()
@@ -464,7 +539,7 @@ def decisions(db_path: Path, status: str | None, since: str | None, customer_id:
     moment = _moment_option(since, "--since")
     with _open(db_path) as engine:
         rows = _decision_rows(engine.decisions(customer_id, status=status, since=moment))
-    click.echo(render(rows, fmt, columns=None if fmt in ("json", "nl") else _DECISION_COLUMNS,
+    click.echo(render(rows, fmt, columns=_decision_columns(fmt),
                       empty="no decision"), nl=False)
 
 
@@ -489,8 +564,9 @@ def stats(db_path: Path, fmt: str | None) -> None:
                  for f in report["forces"]]
         click.echo(render(rows, "csv"), nl=False)
         return
-    click.echo(f"{report['events']} events, {report['dead_letters']} dead letters, "
-               f"{report['forgotten_customers']} customers forgotten\n")
+    click.echo(f"{_count(report['events'], 'events')}, "
+               f"{_count(report['dead_letters'], 'dead_letters')}, "
+               f"{_count(report['forgotten_customers'], 'customers')} forgotten\n")
     click.echo("customers by level")
     click.echo(render([{"level": k, "customers": v}
                        for k, v in report["customers_by_level"].items()], None))
@@ -519,7 +595,8 @@ def dead_letters(db_path: Path, rules_path: Path, retry: bool, fmt: str | None) 
                 sys.exit(2)
             return
         rows = engine.dead_letters()
-    click.echo(render(rows, fmt, empty="no dead letter"), nl=False)
+    click.echo(render(rows, fmt, empty="no dead letter", columns=(
+        "seq", "origin", "line", "reason", "raw", "retriable", "received_at")), nl=False)
 
 
 @cli.command()
@@ -532,8 +609,10 @@ def forget(db_path: Path, customer_id: str, yes: bool) -> None:
         names = engine.identifiers(customer_id)
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase {', '.join(names)} for good?", abort=True)
+        if engine.snapshot(names[0]) is None and not engine.export(names[0])["events"]:
+            raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
         erased = engine.forget(customer_id)
-    click.echo("erased " + ", ".join(f"{n} {k}" for k, n in erased.items())
+    click.echo("erased " + ", ".join(_count(n, k) for k, n in erased.items())
                + f" of {names[0]}; database vacuumed")
 
 
@@ -562,9 +641,15 @@ def rules() -> None:
 def rules_use(db_path: Path, path: Path) -> None:
     """Validate PATH and make it the rules of the database (every customer is
     recomputed). A broken PATH changes nothing."""
+    from .store import StoredEngine
+
     new = load_rules(path)  # a broken file stops here: nothing changes
-    with _open(db_path, path, create=True) as engine:
-        changed = engine.use_rules(new)
+    if db_path.exists() and _has_rules(db_path):
+        with _open(db_path) as engine:
+            changed = engine.use_rules(new)
+    else:
+        with StoredEngine(db_path, new):
+            changed = True
     click.echo(f"{'now using' if changed else 'already using'} {path}: {new.summary()}")
 
 
@@ -575,7 +660,8 @@ def rules_list(db_path: Path, fmt: str | None) -> None:
     """Every rules version the database used, the active one marked."""
     with _open(db_path) as engine:
         rows = engine.rule_versions()
-    click.echo(render(rows, fmt, empty="no rules version"), nl=False)
+    click.echo(render(rows, fmt, empty="no rules version",
+                      columns=("hash", "files", "used_from", "active")), nl=False)
 
 
 @cli.command()

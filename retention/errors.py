@@ -15,7 +15,7 @@ class EventError(RetentionError, ValueError):
     def __init__(self, message: str, *, field: str | None = None, event_id: object = None):
         self.field = field
         self.event_id = event_id
-        prefix = f"event {event_id!s}: " if event_id not in (None, "") else "event: "
+        prefix = f"event {event_id!s}: " if event_id not in (None, "") else ""
         super().__init__(prefix + message)
 
 

@@ -50,7 +50,7 @@ def render(rows: Sequence[dict[str, Any]], fmt: str | None, *,
                              else repr(row.get(c)) for c in cols])
         return out.getvalue()
     if not rows:
-        return empty + "\n"
+        return empty + "\n"  # (machine formats above: an empty array, nothing, a header)
     cells = [[_cell(row.get(c)) for c in cols] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
     numeric = [all(_is_number(row.get(c)) for row in rows) for c in cols]

@@ -47,7 +47,7 @@ from .models import Decision, Event, LedgerEntry, Outcome
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
 from .snapshot import decode, encode
-from .times import format_instant
+from .times import from_seconds
 
 #: a decision the recomputed history no longer makes, withdrawn before delivery
 WITHDRAWN = "withdrawn"
@@ -92,6 +92,9 @@ class Incoming:
     origin: str = "api"
     line: int | None = None
     text: str | None = None
+    #: False when ``text`` cannot be parsed again on its own (a CSV row without its
+    #: header, bytes that were not UTF-8): a retry leaves such a dead letter as it is
+    retriable: bool = True
 
 
 def _now_text() -> str:
@@ -459,7 +462,8 @@ class StoredEngine(Engine):
         def reject(item: Incoming, reason: str) -> None:
             text = item.text if item.text is not None else _dumps(item.raw) \
                 if not isinstance(item.raw, Exception) else ""
-            dead.append((item.origin, item.line, reason, text.rstrip("\n"), received))
+            dead.append((item.origin, item.line, reason, text.rstrip("\n"),
+                         int(item.retriable), received))
             where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
             report.problems.append(f"{where}: {reason}")
 
@@ -486,8 +490,8 @@ class StoredEngine(Engine):
                 self._apply_steps(steps, report, reject, outcomes)
                 if dead:
                     self.db.conn.executemany(
-                        "INSERT INTO dead_letters (origin, line, reason, raw, received_at)"
-                        " VALUES (?, ?, ?, ?, ?)", dead)
+                        "INSERT INTO dead_letters (origin, line, reason, raw, retriable,"
+                        " received_at) VALUES (?, ?, ?, ?, ?, ?)", dead)
         finally:
             self._forget_loaded()
         report.dead_lettered = len(dead)
@@ -788,15 +792,17 @@ class StoredEngine(Engine):
 
     def dead_letters(self) -> list[dict[str, Any]]:
         rows = self.db.execute(
-            "SELECT seq, origin, line, reason, raw, received_at FROM dead_letters ORDER BY seq")
-        return [dict(zip(("seq", "origin", "line", "reason", "raw", "received_at"), r,
-                         strict=True)) for r in rows]
+            "SELECT seq, origin, line, reason, raw, retriable, received_at FROM dead_letters"
+            " ORDER BY seq")
+        return [dict(zip(("seq", "origin", "line", "reason", "raw", "retriable",
+                          "received_at"), r, strict=True)) for r in rows]
 
     def retry_dead_letters(self) -> IngestReport:
         """Ingest the dead letters again (after a fix of the input or the rules): those
         that now go in leave the table, the others stay with their new reason."""
         report = IngestReport()
-        letters = self.dead_letters()
+        letters = [d for d in self.dead_letters() if d["retriable"]]
+        report.dead_lettered = sum(1 for d in self.dead_letters() if not d["retriable"])
         for start in range(0, len(letters), self.batch_size):
             part = letters[start:start + self.batch_size]
             items = []
@@ -804,7 +810,7 @@ class StoredEngine(Engine):
                 try:
                     raw: Any = json.loads(letter["raw"])
                 except json.JSONDecodeError as exc:
-                    raw = EventError(f"invalid JSON: {exc.msg} at column {exc.colno}")
+                    raw = EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
                 items.append(Incoming(raw=raw, origin=letter["origin"], line=letter["line"],
                                       text=letter["raw"]))
             seqs = [(letter["seq"],) for letter in part]
@@ -860,7 +866,7 @@ class StoredEngine(Engine):
                                        [canonical]).rowcount
             erased["snapshots"] = execute("DELETE FROM customers WHERE id = ?",
                                           [canonical]).rowcount
-            erased["ledger"] = execute("DELETE FROM ledger WHERE customer = ?",
+            erased["ledger_entries"] = execute("DELETE FROM ledger WHERE customer = ?",
                                        [canonical]).rowcount
             erased["aliases"] = execute("DELETE FROM aliases WHERE customer = ?",
                                         [canonical]).rowcount
@@ -1021,7 +1027,7 @@ def _mentions(raw: str, names: list[str]) -> bool:
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None or ts in (math.inf, -math.inf) else format_instant(ts)
+    return None if ts is None or ts in (math.inf, -math.inf) else from_seconds(ts).isoformat()
 
 
 def _decision_of(row: tuple[Any, ...]) -> Decision:

@@ -79,6 +79,7 @@ CREATE TABLE dead_letters (
     line INTEGER,
     reason TEXT NOT NULL,
     raw TEXT NOT NULL,
+    retriable INTEGER NOT NULL DEFAULT 1,   -- 0: the text alone cannot be read again
     received_at TEXT NOT NULL
 );
 
