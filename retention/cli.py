@@ -14,7 +14,7 @@ from typing import Any, BinaryIO, TextIO
 import click
 
 from .engine import Engine
-from .errors import EventError, RetentionError, RuleFileError
+from .errors import EventError, LineError, RetentionError, RuleFileError
 from .models import CORE_FIELDS
 from .output import format_options, render
 from .rules.loader import load_rules
@@ -66,7 +66,7 @@ def _read_events(handle: TextIO, name: str) -> Iterator[tuple[int, str, Any]]:
         try:
             yield number, line, json.loads(line)
         except json.JSONDecodeError as exc:
-            yield number, line, EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+            yield number, line, LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 @cli.command()
@@ -294,7 +294,7 @@ def _json_line(line: str) -> Any:
     try:
         return json.loads(line)
     except json.JSONDecodeError as exc:
-        return EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+        return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
 
 
 def _decoded(handle: BinaryIO, advance: Any) -> Iterator[tuple[int, str | None, str]]:
@@ -327,7 +327,7 @@ def _incoming(path: str, source: str | None, fmt: str | None,
         for number, line, problem in _decoded(handle, advance):
             if line is None:
                 reason, kept = problem.split("\0", 1)
-                yield Incoming(raw=EventError(reason), origin=origin, line=number, text=kept,
+                yield Incoming(raw=LineError(reason), origin=origin, line=number, text=kept,
                                retriable=False)
                 continue
             if not line.strip():
@@ -349,20 +349,20 @@ def _incoming(path: str, source: str | None, fmt: str | None,
                            retriable=kind == "jsonl" or isinstance(raw, dict))
 
 
-def _csv_cells(line: str) -> list[str] | EventError:
+def _csv_cells(line: str) -> list[str] | LineError:
     import csv
 
     try:
         return next(csv.reader([line]))
     except (csv.Error, StopIteration) as exc:
-        return EventError(f"unreadable CSV row: {exc}")
+        return LineError(f"unreadable CSV row: {exc}")
 
 
 #: a CSV cell read as a number: plain decimal notation, no leading zero (an "007" is text)
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")
 
 
-def _csv_event(header: list[str], line: str) -> dict[str, Any] | EventError:
+def _csv_event(header: list[str], line: str) -> dict[str, Any] | LineError:
     """A CSV row as an event: empty cells are absent; a property cell in plain decimal
     notation is a number; the event's own fields (id, customer, type, at, source)
     stay text."""
@@ -370,7 +370,7 @@ def _csv_event(header: list[str], line: str) -> dict[str, Any] | EventError:
     if not isinstance(cells, list):
         return cells
     if len(cells) != len(header):
-        return EventError(f"{len(cells)} cells for {len(header)} columns")
+        return LineError(f"{len(cells)} cells for {len(header)} columns")
     event: dict[str, Any] = {}
     for name, cell in zip(header, cells, strict=True):
         if cell == "":

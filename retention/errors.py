@@ -15,8 +15,18 @@ class EventError(RetentionError, ValueError):
     def __init__(self, message: str, *, field: str | None = None, event_id: object = None):
         self.field = field
         self.event_id = event_id
-        prefix = f"event {event_id!s}: " if event_id not in (None, "") else ""
+        prefix = f"event {event_id!s}: " if event_id not in (None, "") else "event: "
         super().__init__(prefix + message)
+
+
+class LineError(EventError):
+    """A line of input that is not an event at all (not UTF-8, not JSON, a broken CSV
+    row): its message names the problem alone."""
+
+    def __init__(self, message: str):
+        self.field = None
+        self.event_id = None
+        ValueError.__init__(self, message)
 
 
 @attrs.frozen(kw_only=True)

@@ -42,7 +42,7 @@ import sqlite_utils
 
 from .capital import capital_at
 from .engine import Customer, Engine, _moment, _pack, _row, _unpack, decision_id
-from .errors import EventError, RetentionError
+from .errors import EventError, LineError, RetentionError
 from .models import Decision, Event, LedgerEntry, Outcome
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
@@ -446,7 +446,7 @@ class StoredEngine(Engine):
         outcomes: list[Outcome] = []
         report = self._ingest_batch([Incoming(raw=raw)], source, outcomes=outcomes)
         if report.problems:
-            raise EventError(report.problems[0].split(": ", 1)[-1])
+            raise LineError(report.problems[0].split(": ", 1)[-1])
         if not outcomes:
             raise EventError("an identify event links identifiers: give it to ingest()")
         return outcomes[0]
@@ -810,7 +810,7 @@ class StoredEngine(Engine):
                 try:
                     raw: Any = json.loads(letter["raw"])
                 except json.JSONDecodeError as exc:
-                    raw = EventError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+                    raw = LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
                 items.append(Incoming(raw=raw, origin=letter["origin"], line=letter["line"],
                                       text=letter["raw"]))
             seqs = [(letter["seq"],) for letter in part]

@@ -65,7 +65,7 @@ def test_run_keeps_bad_lines_and_exits_2(tmp_path):
     dead = tmp_path / "dead.jsonl"
     result = invoke("run", "--rules", RETAIL, "--dead-letter", dead, events)
     assert result.exit_code == 2
-    assert f"{events}:2: event: invalid JSON" in result.output
+    assert f"{events}:2: invalid JSON" in result.output
     assert f"{events}:3: event 2: field 'at'" in result.output
     assert "1 processed, 1 duplicates, 2 dead-lettered" in result.output
     kept = [json.loads(line) for line in dead.read_text().splitlines()]
