@@ -191,11 +191,24 @@ class StoredEngine(Engine):
         except sqlite3.Error as exc:
             raise _explain_open_error(path, exc) from None
         try:
+            # read before anything is written: a file that is not ours stays as it was
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            latest = _migrations()[-1][0]
+            if current > latest:
+                raise StoreError(
+                    f"{path}: schema version {current} is newer than this "
+                    f"retention-engine knows ({latest}); upgrade retention-engine")
+            if current == 0 and tables:
+                raise StoreError(f"{path}: a SQLite database, but not a retention one")
             conn.execute("PRAGMA journal_mode=WAL").fetchone()
             conn.execute("PRAGMA synchronous=NORMAL")
             # deleted rows are overwritten, so a forgotten customer leaves no trace
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute("PRAGMA foreign_keys=ON")
+        except StoreError:
+            conn.close()
+            raise
         except sqlite3.Error as exc:
             conn.close()
             raise _explain_open_error(path, exc) from None
@@ -205,15 +218,7 @@ class StoredEngine(Engine):
         conn = self.db.conn
         try:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
-            known = _migrations()
-            latest = known[-1][0]
-            if current > latest:
-                raise StoreError(
-                    f"{self.path}: schema version {current} is newer than this "
-                    f"retention-engine knows ({latest}); upgrade retention-engine")
-            if current == 0 and self.db.table_names():
-                raise StoreError(f"{self.path}: a SQLite database, but not a retention one")
-            for version, script in known:
+            for version, script in _migrations():
                 if version > current:
                     conn.executescript(
                         f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
@@ -336,6 +341,10 @@ class StoredEngine(Engine):
         rows = []
         for cid in touched:
             c = self._customers[cid]
+            # the exact next change, whatever order the events came in (the engine may
+            # keep an earlier, still valid one in memory)
+            c.scheduled = math.inf
+            self._schedule(c)
             capital = None if c.state is None or c.last is None else capital_at(
                 c.state, rules, c.last[0])
             c.log = bytearray()  # the event log holds the events (see _ensure_log)
@@ -375,7 +384,9 @@ class StoredEngine(Engine):
             "INSERT INTO decisions (id, customer, rule, action, params, at, ts, kind, via,"
             " trigger, status, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(id) DO UPDATE SET customer = excluded.customer,"
-            " status = excluded.status, reason = excluded.reason"
+            " rule = excluded.rule, action = excluded.action, params = excluded.params,"
+            " at = excluded.at, ts = excluded.ts, kind = excluded.kind, via = excluded.via,"
+            " trigger = excluded.trigger, status = excluded.status, reason = excluded.reason"
             f" WHERE decisions.status IN ({marks})",
             [(*self._decision_row(d), *UNDELIVERED) for d in decisions])
 
@@ -407,9 +418,10 @@ class StoredEngine(Engine):
             old = known.get(did)
             merged[did] = d if old is None or old.id == d.id else attrs.evolve(d, id=old.id)
         for did, d in known.items():
-            if did not in truth:
-                merged[did] = d if d.status == WITHDRAWN else attrs.evolve(
-                    d, status=WITHDRAWN, reason="the recomputed history no longer makes it")
+            if did not in truth:  # (under the customer it now belongs to, after a merge)
+                merged[did] = d if d.status == WITHDRAWN and d.customer == fresh.id \
+                    else attrs.evolve(d, customer=fresh.id, status=WITHDRAWN,
+                                      reason="the recomputed history no longer makes it")
         fresh.decisions = merged or None
         self._rewrite.add(fresh.id)
         return [d for did, d in truth.items() if did not in known]
@@ -784,7 +796,7 @@ class StoredEngine(Engine):
     def rule_versions(self) -> list[dict[str, Any]]:
         """Every rules version used, oldest first: hash, files, since when, active."""
         rows = self.db.execute(
-            "SELECT hash, files, used_from, active FROM rule_versions ORDER BY used_from, hash")
+            "SELECT hash, files, used_from, active FROM rule_versions ORDER BY rowid")
         return [{"hash": h[:12], "files": ", ".join(p for p, _ in json.loads(files)),
                  "used_from": used, "active": bool(active)} for h, files, used, active in rows]
 
