@@ -16,6 +16,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import closing
 from pathlib import Path
@@ -266,12 +267,47 @@ def test_a_db_in_a_read_only_folder_is_one_clear_line(tmp_path):
     locked.chmod(0o555)
     try:
         if os.access(locked, os.W_OK):
-            pytest.skip("this user can write to a read-only folder (root?)")
+            pytest.skip("this user can write to a read-only folder (root): see the next test")
         result = invoke("ingest", "--db", locked / "r.db", "--rules", RETAIL, EVENTS)
         failed_cleanly(result, 1)
         assert "not writable" in one_line(result.output)
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+NOBODY = 65534
+
+
+def test_a_db_in_a_read_only_folder_as_another_user_when_run_as_root():
+    """Root writes anywhere: the same check, run as the unprivileged user."""
+    if os.geteuid() != 0:
+        pytest.skip("only needed as root (the test above covers other users)")
+    as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": [], "cwd": "/"}
+    try:
+        probe = subprocess.run([sys.executable, "-c", "import retention.cli"],
+                               capture_output=True, **as_nobody)
+    except OSError:
+        probe = None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("the unprivileged user cannot run this Python or read this checkout")
+    top = Path(tempfile.mkdtemp(prefix="retention-ro-"))
+    try:
+        top.chmod(0o755)
+        locked = top / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        rules = top / "retail.yaml"
+        rules.write_text(RETAIL.read_text())
+        rules.chmod(0o644)
+        result = subprocess.run(
+            [sys.executable, "-m", "retention.cli", "ingest", "--db", str(locked / "r.db"),
+             "--rules", str(rules), str(rules)], capture_output=True, text=True, **as_nobody)
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        assert "not writable" in one_line(result.stderr)
+        assert list(locked.iterdir()) == []
+    finally:
+        shutil.rmtree(top)
 
 
 def test_a_db_in_a_missing_folder_is_one_clear_line(tmp_path):
