@@ -7,7 +7,7 @@ Prints, on the same generated events (benchmarks/engine.py's generator, retail
 rules): the throughput of a raw sqlite-utils ``insert_all`` of the event rows
 alone (the same columns and primary key as the store's event log: the floor of
 what storage costs here), the throughput of ``StoredEngine.ingest`` (batches of
-1,000 events, one transaction each), their ratio, the resident memory at
+10,000 events by default, one transaction each), their ratio, the resident memory at
 every tenth of the ingest (flat: only the batch's customers are in memory),
 the time of a ``tick`` in a database of N stored customers of which 1% are
 due, and the peak memory.
@@ -31,6 +31,7 @@ import sqlite_utils
 from engine import RULES, generate
 
 from retention import Engine
+from retention.store import BATCH
 
 
 def rss_mb() -> float:
@@ -64,9 +65,10 @@ def raw_insert(events: list[dict], path: Path) -> float:
     return len(events) / elapsed
 
 
-def ingest(events: list[dict], path: Path, marks: int = 10) -> tuple[float, list[float]]:
+def ingest(events: list[dict], path: Path, batch: int, marks: int = 10
+           ) -> tuple[float, list[float]]:
     """Events per second of the store's ingest, and the memory at each tenth."""
-    engine = Engine.open(path, rules=RULES)
+    engine = Engine.open(path, rules=RULES, batch_size=batch)
     step = max(1, len(events) // marks)
     memory: list[float] = []
     started = time.perf_counter()
@@ -81,7 +83,7 @@ def ingest(events: list[dict], path: Path, marks: int = 10) -> tuple[float, list
 def tick_with(customers: int, folder: Path, seed: int) -> None:
     """A database of ``customers`` stored customers, then a tick that finds 1% due."""
     path = folder / "big.db"
-    engine = Engine.open(path, rules=RULES, batch_size=5000)
+    engine = Engine.open(path, rules=RULES)
     started = time.perf_counter()
     chunk = 100_000
     for first in range(0, customers, chunk):
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("--customers", type=int, default=30_000)
     parser.add_argument("--tick-customers", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=BATCH, help="events per transaction")
     args = parser.parse_args()
 
     events = generate(args.customers, args.events / args.customers, args.seed)
@@ -124,8 +127,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         raw = raw_insert(events, Path(folder) / "raw.db")
         print(f"raw sqlite-utils insert of the event rows: {raw:,.0f} events/s")
-        rate, memory = ingest(events, Path(folder) / "store.db")
-        print(f"retention ingest (retail rules, batches of 1,000): {rate:,.0f} events/s")
+        rate, memory = ingest(events, Path(folder) / "store.db", args.batch)
+        print(f"retention ingest (retail rules, batches of {args.batch:,}): "
+              f"{rate:,.0f} events/s")
         print(f"ingest / raw insert: {rate / raw:.0%}")
         print("memory at each tenth of the ingest (MB): "
               + " ".join(f"{m:,.0f}" for m in memory)

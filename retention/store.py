@@ -54,7 +54,7 @@ WITHDRAWN = "withdrawn"
 #: statuses the engine may still change: nothing has left the outbox yet
 UNDELIVERED = ("pending", "suppressed", "held_out", WITHDRAWN)
 #: events per transaction by default
-BATCH = 1000
+BATCH = 10_000
 #: customers loaded or written per statement (under SQLite's variable limit)
 _CHUNK = 500
 
