@@ -97,6 +97,10 @@ class Incoming:
     retriable: bool = True
 
 
+#: properties as stored: compact JSON, refusing what JSON cannot hold
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def _now_text() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -529,11 +533,12 @@ class StoredEngine(Engine):
                 if canonical != ev.customer:
                     ev = attrs.evolve(ev, customer=canonical)
                 try:
-                    props = json.dumps(ev.props, separators=(",", ":"), ensure_ascii=False)
+                    props = _to_json(ev.props)
                 except (TypeError, ValueError) as exc:
                     reject(item, f"event {ev.id}: a property value is not JSON: {exc}")
                     continue
-                self._load([canonical])
+                if canonical not in self._customers and canonical not in self._absent:
+                    self._load([canonical])
                 self._replayed = None
                 try:
                     outcome = Engine.process(self, ev)
