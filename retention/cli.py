@@ -529,7 +529,7 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
 
 @cli.command()
 @_db_option
-@click.option("--status", help="pending, suppressed, held_out, withdrawn...")
+@click.option("--status", help="pending, suppressed or held_out.")
 @click.option("--since", help="Decided at or after T.")
 @click.option("--customer", "customer_id", help="Of one customer.")
 @format_options

@@ -17,8 +17,8 @@ Readings of the design taken here, documented in docs/store.md:
   customer's latest recomputes that customer from their logged events.
 - A recomputation rewrites the customer's ledger, and the outbox follows the
   recomputed history: a decision still undelivered that the history no longer
-  makes becomes ``withdrawn``. So any batch split and ingestion order gives the
-  same database as ingesting the events sorted, once.
+  makes leaves it. So any batch split and ingestion order gives the same
+  database as ingesting the events sorted, once.
 - ``identify`` events (``customer`` and ``aliases``; no ``id`` or ``at``
   needed) take effect at their place in the input.
 """
@@ -49,10 +49,8 @@ from .rules.model import RuleSet
 from .snapshot import decode, encode
 from .times import from_seconds
 
-#: a decision the recomputed history no longer makes, withdrawn before delivery
-WITHDRAWN = "withdrawn"
 #: statuses the engine may still change: nothing has left the outbox yet
-UNDELIVERED = ("pending", "suppressed", "held_out", WITHDRAWN)
+UNDELIVERED = ("pending", "suppressed", "held_out")
 #: events per transaction by default
 BATCH = 10_000
 #: customers loaded or written per statement (under SQLite's variable limit)
@@ -180,6 +178,8 @@ class StoredEngine(Engine):
         self._partial: set[str] = set()
         #: customers merged into another in this batch
         self._gone: set[str] = set()
+        #: undelivered decisions a recomputed history no longer makes
+        self._drop: set[str] = set()
         if given is not None:
             if active is None:
                 self._record_rules(given)
@@ -297,6 +297,7 @@ class StoredEngine(Engine):
         self._absent.clear()
         self._partial.clear()
         self._gone.clear()
+        self._drop.clear()
         self._seen.clear()
         self._seen_from.clear()
         self._rewrite.clear()
@@ -331,6 +332,11 @@ class StoredEngine(Engine):
     def _save(self, touched: Iterable[str], *, rewrite: Iterable[str] = ()) -> None:
         """Write the snapshots of ``touched``; rewrite the ledger and decisions of
         ``rewrite`` (customers recomputed from their history)."""
+        if self._drop:
+            self.db.conn.executemany(
+                "DELETE FROM decisions WHERE id = ? AND status IN (?, ?, ?)",
+                [(did, *UNDELIVERED) for did in self._drop])
+            self._drop.clear()
         for cid in rewrite:
             c = self._customers[cid]
             self.db.execute("DELETE FROM ledger WHERE customer = ?", [cid])
@@ -413,22 +419,38 @@ class StoredEngine(Engine):
 
     def _reconcile(self, known: dict[str, Decision], fresh: Customer) -> list[Decision]:
         """The recomputed history is the truth for what has not left the outbox: a
-        known decision it no longer makes is withdrawn, one it makes again (after a
-        withdrawal) comes back. A decision kept under another id (a merged alias)
-        keeps that id."""
+        known decision it no longer makes leaves the outbox, and one it still makes
+        is written as it now is. A decision that was delivered stays as it was, and
+        one kept under another id (a merged alias) keeps that id."""
         truth = fresh.decisions or {}
         merged: dict[str, Decision] = {}
         for did, d in truth.items():
             old = known.get(did)
             merged[did] = d if old is None or old.id == d.id else attrs.evolve(d, id=old.id)
-        for did, d in known.items():
-            if did not in truth:  # (under the customer it now belongs to, after a merge)
-                merged[did] = d if d.status == WITHDRAWN and d.customer == fresh.id \
-                    else attrs.evolve(d, customer=fresh.id, status=WITHDRAWN,
-                                      reason="the recomputed history no longer makes it")
+        stale = {did: d for did, d in known.items() if did not in truth}
+        if stale:
+            delivered = self._delivered([d.id for d in stale.values()])
+            for did, d in stale.items():
+                if d.id in delivered:  # (under the customer it belongs to, after a merge)
+                    merged[did] = d if d.customer == fresh.id else attrs.evolve(
+                        d, customer=fresh.id)
+                else:
+                    self._drop.add(d.id)
+        self._drop.difference_update(d.id for d in merged.values())
         fresh.decisions = merged or None
         self._rewrite.add(fresh.id)
         return [d for did, d in truth.items() if did not in known]
+
+    def _delivered(self, ids: list[str]) -> set[str]:
+        """Those of ``ids`` whose decision has left the outbox (sent, failed...)."""
+        found: set[str] = set()
+        marks = ",".join("?" * len(UNDELIVERED))
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start:start + _CHUNK]
+            found.update(i for (i,) in self.db.execute(
+                f"SELECT id FROM decisions WHERE id IN ({','.join('?' * len(part))})"
+                f" AND status NOT IN ({marks})", [*part, *UNDELIVERED]))
+        return found
 
     # -- ingestion ---------------------------------------------------------------------
 
@@ -1055,4 +1077,4 @@ def _decision_of(row: tuple[Any, ...]) -> Decision:
                     status=status, reason=reason)
 
 
-__all__ = ["BATCH", "WITHDRAWN", "Incoming", "IngestReport", "StoreError", "StoredEngine"]
+__all__ = ["BATCH", "UNDELIVERED", "Incoming", "IngestReport", "StoreError", "StoredEngine"]

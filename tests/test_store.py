@@ -107,8 +107,8 @@ def counts(store: StoredEngine) -> dict[str, int]:
 
 
 def same_database(store: StoredEngine) -> dict:
-    """What must not depend on batches, order or repeats (withdrawn decisions and the
-    encoded state blob aside)."""
+    """What must not depend on batches, order or repeats (the encoded state blob
+    aside)."""
     db = store.db
     ledgers = [cid for (cid,) in db.execute("SELECT DISTINCT customer FROM ledger")]
     return {
@@ -121,7 +121,7 @@ def same_database(store: StoredEngine) -> dict:
             "SELECT customer, ts, at, rule, points, event_id, category, reason FROM ledger"
             " WHERE customer = ? ORDER BY seq", [cid]).fetchall() for cid in ledgers},
         "decisions": db.execute(
-            "SELECT * FROM decisions WHERE status != 'withdrawn' ORDER BY id").fetchall(),
+            "SELECT * FROM decisions ORDER BY id").fetchall(),
     }
 
 
@@ -410,7 +410,7 @@ def test_any_batches_order_and_repeats_give_the_same_database(text, events, data
 # -- late events ----------------------------------------------------------------------------
 
 
-def test_a_late_event_recomputes_the_customer_and_withdraws_what_it_no_longer_makes(
+def test_a_late_event_recomputes_the_customer_and_drops_what_it_no_longer_makes(
         tmp_path):
     with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
         store.ingest([event("p", "c1", "purchase", 1), event("b", "c1", "incident", 3)])
@@ -429,8 +429,7 @@ def test_a_late_event_recomputes_the_customer_and_withdraws_what_it_no_longer_ma
         rows = store.db.execute(
             "SELECT event_id FROM ledger WHERE customer = 'c1' ORDER BY seq").fetchall()
         assert rows == [("p",), ("a",), ("b",)]
-        assert [(d.id, d.status) for d in store.decisions("c1")] == [(fired.id, "withdrawn")]
-        assert store.decisions("c1", status="pending") == []
+        assert store.decisions("c1") == []  # undelivered: it leaves the outbox
         memory = memory_engine(load_texts([("r.yaml", SIMPLE)]), [
             event("p", "c1", "purchase", 1), event("a", "c1", "gift", 2),
             event("b", "c1", "incident", 3)])
@@ -438,14 +437,14 @@ def test_a_late_event_recomputes_the_customer_and_withdraws_what_it_no_longer_ma
         assert memory.decisions("c1") == []
 
 
-def test_a_withdrawn_decision_comes_back_when_the_history_makes_it_again(tmp_path):
+def test_a_dropped_decision_comes_back_when_the_history_makes_it_again(tmp_path):
     with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
         store.ingest([event("p", "c1", "purchase", 1), event("b", "c1", "incident", 5)])
         [fired] = store.decisions("c1")
         store.ingest([event("a", "c1", "gift", 2)])  # 50 + 20 - 15 = 55 at "b"
-        assert [(d.id, d.status) for d in store.decisions("c1")] == [(fired.id, "withdrawn")]
+        assert store.decisions("c1") == []
         store.ingest([event("x", "c1", "incident", 3)])  # 40 at "b": not below 40
-        assert [(d.id, d.status) for d in store.decisions("c1")] == [(fired.id, "withdrawn")]
+        assert store.decisions("c1") == []
         store.ingest([event("y", "c1", "incident", 4)])  # 40 at "y", 25 at "b": fires at "b"
         assert [(d.id, d.status, d.reason) for d in store.decisions("c1")] == [
             (fired.id, "pending", None)]
@@ -497,7 +496,7 @@ actions:
         assert late.next_change("c1") == in_order.next_change("c1")
 
 
-def test_a_delivered_decision_is_never_withdrawn(tmp_path):
+def test_a_delivered_decision_is_never_dropped(tmp_path):
     with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
         store.ingest([event("p", "c1", "purchase", 1), event("b", "c1", "incident", 3)])
         [fired] = store.decisions("c1")
@@ -573,8 +572,7 @@ def test_merging_two_customers_replays_both_histories_as_one(tmp_path):
             "SELECT count(*) FROM decisions WHERE customer = 'c2'").fetchone()[0] == 0
         causes = [(d.rule, d.trigger, d.action) for d in after]
         assert len(causes) == len(set(causes))
-        assert sorted(c for c, d in zip(causes, after, strict=True)
-                      if d.status != "withdrawn") == \
+        assert sorted(causes) == \
             sorted((d.rule, d.trigger, d.action) for d in memory.decisions("c1"))
 
         # events still sent under the old id land on the merged customer
@@ -583,7 +581,7 @@ def test_merging_two_customers_replays_both_histories_as_one(tmp_path):
         assert store.capital("c1") == memory.capital("c1") + 20
 
 
-def test_a_merge_that_undoes_a_level_withdraws_its_decision_under_the_merged_customer(
+def test_a_merge_that_undoes_a_level_drops_its_undelivered_decision(
         tmp_path):
     c1 = [event("c1-p", "c1", "purchase", 0), event("c1-g", "c1", "gift", 2)]
     c2 = [event("c2-p", "c2", "purchase", 1), event("c2-i", "c2", "incident", 3)]
@@ -595,7 +593,7 @@ def test_a_merge_that_undoes_a_level_withdraws_its_decision_under_the_merged_cus
         assert store.capital("c1") == 55  # 50 + 20 - 15: the level never crossed
         assert store.level("c1") is None
         rows = store.db.execute("SELECT id, customer, status FROM decisions").fetchall()
-        assert rows == [(fired.id, "c1", "withdrawn")]
+        assert rows == []
 
 
 def test_merging_in_the_same_batch_as_the_histories(tmp_path):
