@@ -498,10 +498,24 @@ class StoredEngine(Engine):
         received = _now_text()
 
         def reject(item: Incoming, reason: str) -> None:
-            text = item.text if item.text is not None else _dumps(item.raw) \
-                if not isinstance(item.raw, Exception) else ""
-            dead.append((item.origin, item.line, reason, text.rstrip("\n"),
-                         int(item.retriable), received))
+            raw = item.raw
+            event_source = event_id = None
+            if isinstance(raw, Mapping):
+                event_source = raw.get("source") or source
+                event_id = raw.get("id") if isinstance(raw.get("id"), str | int) else None
+                if event_source:  # kept with the source it came under
+                    text = _dumps({**raw, "source": event_source})
+                else:
+                    text = item.text if item.text is not None else _dumps(raw)
+            else:
+                text = item.text if item.text is not None else ""
+            text = text.rstrip("\n")
+            digest = hashlib.sha256(
+                f"{item.origin}\0{item.line}\0{text}".encode("utf-8", "surrogatepass")
+            ).hexdigest()
+            dead.append((item.origin, item.line, reason, text, int(item.retriable),
+                         event_source, None if event_id is None else str(event_id), digest,
+                         received))
             where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
             report.problems.append(f"{where}: {reason}")
 
@@ -528,8 +542,9 @@ class StoredEngine(Engine):
                 self._apply_steps(steps, report, reject, outcomes)
                 if dead:
                     self.db.conn.executemany(
-                        "INSERT INTO dead_letters (origin, line, reason, raw, retriable,"
-                        " received_at) VALUES (?, ?, ?, ?, ?, ?)", dead)
+                        "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
+                        " retriable, source, event_id, digest, received_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
         finally:
             self._forget_loaded()
         report.dead_lettered = len(dead)
@@ -598,6 +613,12 @@ class StoredEngine(Engine):
         self.db.conn.executemany(
             "INSERT INTO events (source, id, customer, type, at, ts, props)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", new_events)
+        if new_events and self.db.execute(
+                "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1").fetchone():
+            # an event that lands at last (a fixed file ingested again) ends its letter
+            self.db.conn.executemany(
+                "DELETE FROM dead_letters WHERE source = ? AND event_id = ?",
+                [(r[0], r[1]) for r in new_events])
         # a customer recomputed in this batch has its whole ledger written again
         skip = self._rewrite | self._gone
         self._insert_ledger(e for e in ledger if e.customer not in skip)

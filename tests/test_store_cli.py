@@ -706,3 +706,37 @@ def test_retention_db_and_retention_rules_come_from_the_environment(tmp_path, mo
     assert stats["events"] == 40
     versions = json.loads(invoke("rules", "list", "--json", env=env).stdout)
     assert versions[0]["files"].endswith("retail.yaml")
+
+
+# -- dead letters across runs ---------------------------------------------------------------
+
+NO_ZONE = '{"id": "i1", "customer": "c1", "type": "complaint", "at": "2025-01-02T00:00:00"}'
+OPENING = '{"id": "p1", "customer": "c1", "type": "purchase", "at": "2025-01-01T00:00:00Z"}'
+
+
+def test_running_an_ingest_again_keeps_each_dead_letter_once(tmp_path):
+    events = write_lines(tmp_path / "e.jsonl", [OPENING, NO_ZONE, "not json"])
+    db = tmp_path / "r.db"
+    for _ in range(2):
+        result = invoke("ingest", "--db", db, "--rules", RETAIL, events)
+        failed_cleanly(result, 2)
+    assert query(db, "SELECT line, reason FROM dead_letters ORDER BY line") == [
+        (2, "event i1: field 'at': 2025-01-02T00:00:00 has no time zone "
+            "(add Z or an offset like +00:00)"),
+        (3, "invalid JSON: Expecting value (column 1)")]
+
+
+def test_a_dead_letter_keeps_its_source_and_goes_when_the_fixed_event_lands(tmp_path):
+    events = write_lines(tmp_path / "e.jsonl", [OPENING, NO_ZONE])
+    db = tmp_path / "r.db"
+    failed_cleanly(invoke("ingest", "--db", db, "--rules", RETAIL, "--source", "shop", events),
+                   2)
+    [letter] = json.loads(invoke("dead-letters", "--db", db, "--json").stdout)
+    assert json.loads(letter["raw"])["source"] == "shop"
+    write_lines(events, [OPENING, NO_ZONE.replace(':00:00"', ':00:00Z"')])  # the fix
+    result = invoke("ingest", "--db", db, "--source", "shop", events)
+    assert result.exit_code == 0, result.output
+    assert counts(result.stdout)[:3] == (1, 1, 0)
+    assert query(db, "SELECT source, id FROM events ORDER BY id") == [
+        ("shop", "i1"), ("shop", "p1")]
+    assert query(db, "SELECT count(*) FROM dead_letters") == [(0,)]

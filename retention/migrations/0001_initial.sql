@@ -78,10 +78,14 @@ CREATE TABLE dead_letters (
     origin TEXT NOT NULL,            -- file name, "stdin" or "api"
     line INTEGER,
     reason TEXT NOT NULL,
-    raw TEXT NOT NULL,
+    raw TEXT NOT NULL,               -- the input, with the source it was given under
     retriable INTEGER NOT NULL DEFAULT 1,   -- 0: the text alone cannot be read again
+    source TEXT,                     -- the event's source and id, when it has them:
+    event_id TEXT,                   -- the letter goes when that event lands
+    digest TEXT NOT NULL UNIQUE,     -- of origin, line and raw: the same input is kept once
     received_at TEXT NOT NULL
 );
+CREATE INDEX dead_letters_event ON dead_letters (source, event_id);
 
 -- Anonymous counters that outlive forgotten customers.
 CREATE TABLE counters (
