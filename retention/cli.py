@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,9 @@ class _Group(click.Group):
             sys.exit(1)
         except RetentionError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except sqlite3.Error as exc:  # a database damaged outside the engine
+            click.echo(f"error: the database cannot be read: {exc}", err=True)
             sys.exit(1)
 
 
@@ -609,7 +613,8 @@ def forget(db_path: Path, customer_id: str, yes: bool) -> None:
         names = engine.identifiers(customer_id)
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase {', '.join(names)} for good?", abort=True)
-        if engine.snapshot(names[0]) is None and not engine.export(names[0])["events"]:
+        held = engine.export(names[0])
+        if held["state"] is None and not held["events"] and not held["dead_letters"]:
             raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
         erased = engine.forget(customer_id)
     click.echo("erased " + ", ".join(_count(n, k) for k, n in erased.items())

@@ -30,6 +30,7 @@ import json
 import math
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -51,6 +52,8 @@ from .times import from_seconds
 
 #: statuses the engine may still change: nothing has left the outbox yet
 UNDELIVERED = ("pending", "suppressed", "held_out")
+#: SQLite's application id of a retention database ("RETN")
+APPLICATION_ID = 0x5245544E
 #: events per transaction by default
 BATCH = 10_000
 #: customers loaded or written per statement (under SQLite's variable limit)
@@ -136,6 +139,33 @@ def _migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def _statements(script: str) -> Iterator[str]:
+    """The SQL statements of a migration script, one at a time."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer
+            buffer = ""
+    if buffer.strip() and not all(
+            part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()):
+        raise StoreError(f"an incomplete statement ends a migration: {buffer.strip()[:60]}")
+
+
+def _wal(conn: sqlite3.Connection, attempts: int = 200) -> None:
+    """Switch to WAL mode. The switch takes a lock that SQLite's busy timeout does
+    not wait for: while another process creates the same new file, try again."""
+    for attempt in range(attempts):
+        try:
+            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
 def schema_version() -> int:
     """The schema version this code writes."""
     return _migrations()[-1][0]
@@ -203,9 +233,10 @@ class StoredEngine(Engine):
                 raise StoreError(
                     f"{path}: schema version {current} is newer than this "
                     f"retention-engine knows ({latest}); upgrade retention-engine")
-            if current == 0 and tables:
+            application = conn.execute("PRAGMA application_id").fetchone()[0]
+            if (current == 0 and tables) or (current and application != APPLICATION_ID):
                 raise StoreError(f"{path}: a SQLite database, but not a retention one")
-            conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             # deleted rows are overwritten, so a forgotten customer leaves no trace
             conn.execute("PRAGMA secure_delete=ON")
@@ -221,11 +252,19 @@ class StoredEngine(Engine):
     def _migrate(self) -> None:
         conn = self.db.conn
         try:
+            if conn.execute("PRAGMA user_version").fetchone()[0] >= schema_version():
+                return
+            # the write lock first, then the version again: two processes opening a
+            # new file at once migrate it once
+            conn.execute("BEGIN IMMEDIATE")
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             for version, script in _migrations():
                 if version > current:
-                    conn.executescript(
-                        f"BEGIN;\n{script}\nPRAGMA user_version = {version};\nCOMMIT;")
+                    for statement in _statements(script):
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute("COMMIT")
         except sqlite3.Error as exc:
             with suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
@@ -946,7 +985,14 @@ class StoredEngine(Engine):
                 execute("INSERT INTO counters (name, value) VALUES ('forgotten_customers', 1)"
                         " ON CONFLICT(name) DO UPDATE SET value = value + 1")
         self.db.execute("VACUUM")
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        # the old pages must leave the write-ahead log too; a reader elsewhere can hold
+        # them there (the busy timeout waits for it first)
+        busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        if busy:
+            raise StoreError(
+                f"{self.path}: {canonical} is erased, but another process has the database "
+                "open and their old data stays in its write-ahead log until it closes: "
+                "run forget again then")
         return erased
 
     # -- reports -------------------------------------------------------------------------
@@ -1081,9 +1127,11 @@ def _salt() -> bytes:
 
 
 def _mentions(raw: str, names: list[str]) -> bool:
-    """Whether a raw input names one of ``names`` (as a JSON string or a CSV cell)."""
-    return any(json.dumps(name) in raw or re.search(
-        rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw) for name in names)
+    """Whether a raw input names one of ``names``: as a JSON string (escaped or not)
+    or as a CSV cell."""
+    return any(json.dumps(name) in raw or json.dumps(name, ensure_ascii=False) in raw
+               or re.search(rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw)
+               for name in names)
 
 
 def _iso(ts: float | None) -> str | None:
