@@ -8,7 +8,7 @@ import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from contextlib import closing, suppress
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
@@ -196,7 +196,11 @@ def _open(db_path: Path, rules_path: Path | None = None, *, create: bool = False
     version in use gets a note, never a silent switch (``retention rules use``)."""
     from .store import StoredEngine, StoreError, rules_differ
 
-    if not create and not db_path.exists():
+    try:
+        exists = db_path.exists()
+    except OSError as exc:
+        raise StoreError(f"{db_path}: cannot be reached: {exc.strerror}") from None
+    if not create and not exists:
         raise StoreError(f"{db_path}: no such database (retention init, or retention "
                          "ingest with --rules, creates one)")
     try:
@@ -263,8 +267,12 @@ def init(directory: Path, force: bool) -> None:
     except OSError as exc:
         raise RetentionError(f"cannot write {target}: {exc.strerror}") from None
     db = directory / "retention.db"
-    with StoredEngine(db, rules_dir) as engine:
-        click.echo(f"database {db} ready: {engine.rules.summary()}")
+    if db.exists() and _has_rules(db):  # an existing project keeps its rules version
+        with _open(db, rules_dir) as engine:
+            click.echo(f"kept {db}: {engine.rules.summary()}")
+    else:
+        with StoredEngine(db, rules_dir) as engine:
+            click.echo(f"database {db} ready: {engine.rules.summary()}")
     click.echo(f"next: retention ingest --db {db} EVENTS.jsonl")
 
 
@@ -305,8 +313,8 @@ def _decoded(handle: BinaryIO, advance: Any) -> Iterator[tuple[int, str | None, 
     """(line number, text or None if not UTF-8, text to keep) of each line."""
     for number, data in enumerate(handle, 1):
         advance(len(data))
-        try:
-            yield number, data.decode("utf-8"), ""
+        try:  # (a byte-order mark, as spreadsheets write, is not part of the first line)
+            yield number, data.decode("utf-8-sig" if number == 1 else "utf-8"), ""
         except UnicodeDecodeError as exc:
             kept = data.decode("utf-8", errors="backslashreplace")
             yield number, None, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at column " \
@@ -678,10 +686,15 @@ def demo(db_path: Path) -> None:
     and the story."""
     from .store import StoredEngine
 
+    if db_path.exists() and not _is_demo(db_path):
+        raise RetentionError(f"{db_path} exists and is not a demo database: give another "
+                             "--db (the demo recreates its database)")
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
     events = BUNDLED / "retail.jsonl"
     with StoredEngine(db_path, BUNDLED / "retail.yaml") as engine:
+        with engine.db.conn:
+            engine.db.execute("INSERT INTO meta (key, value) VALUES ('demo', 1)")
         show = sys.stderr.isatty()
         with click.progressbar(length=events.stat().st_size, label="ingesting",
                                file=sys.stderr, hidden=not show) as bar:
@@ -689,6 +702,16 @@ def demo(db_path: Path) -> None:
         end = engine.db.execute("SELECT max(ts) FROM events").fetchone()[0]
         made = engine.tick(from_seconds(end)) if end is not None else []
         _story(engine, report, from_seconds(end) if end else None, len(made), db_path)
+
+
+def _is_demo(db_path: Path) -> bool:
+    """Whether a file is a database ``retention demo`` made (it may recreate it)."""
+    try:
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT value FROM meta WHERE key = 'demo'").fetchone() \
+                is not None
+    except sqlite3.Error:
+        return False
 
 
 def _story(engine: Any, report: Any, end: Any, ticked: int, db_path: Path) -> None:

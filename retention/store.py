@@ -781,8 +781,16 @@ class StoredEngine(Engine):
             finally:
                 self._forget_loaded()
             made.extend(found)
+        with self._writing():  # how far time was applied: a rules change replays to it
+            self.db.execute(
+                "INSERT INTO meta (key, value) VALUES ('ticked_to', ?) ON CONFLICT(key)"
+                " DO UPDATE SET value = max(value, excluded.value)", [t])
         made.sort(key=lambda d: (d.at, d.id))
         return made
+
+    def _ticked_to(self) -> float:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'ticked_to'").fetchone()
+        return -math.inf if row is None else float(row[0])
 
     # -- reading -----------------------------------------------------------------------
 
@@ -856,6 +864,7 @@ class StoredEngine(Engine):
         self._derive(new)
         try:
             ids = list(self.customers())
+            ticked = self._ticked_to()
             # one transaction: every customer moves to the new version, or none does
             with self._writing():
                 for start in range(0, len(ids), _CHUNK):
@@ -865,7 +874,8 @@ class StoredEngine(Engine):
                         for cid in part:
                             old = self._customers[cid]
                             self._ensure_log(old)
-                            fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
+                            fresh = self._rebuild(cid, _unpack(old.log),
+                                                  horizon=max(old.horizon, ticked))[0]
                             if old.decisions:  # what was decided stays as it was
                                 fresh.decisions = {**(fresh.decisions or {}), **old.decisions}
                             self._customers[cid] = fresh
@@ -1000,7 +1010,9 @@ class StoredEngine(Engine):
     def at_risk(self, level: str | None = None, *, now: str | datetime | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
         """Customers at or below a level (default: any level that fired), most urgent
-        (lowest capital now) first."""
+        (lowest capital) first. The capital is at ``now`` (default: each customer's
+        latest event; a time before it replays their events); the level is the
+        current one. Customers not yet open at ``now`` are left out."""
         levels = self._rules.levels
         names = [lv.name for lv in levels]
         if level is not None:
@@ -1019,9 +1031,16 @@ class StoredEngine(Engine):
             self._load([r[0] for r in part])
             for cid, lvl, last in part:
                 c = self._customers[cid]
-                t = _moment(now) if now is not None else last
-                capital = capital_at(c.state, self._rules, max(t, c.state.opened_at)) \
-                    if c.state is not None else None
+                if now is None:
+                    capital = capital_at(c.state, self._rules, last) if c.state else None
+                elif c.last is not None and _moment(now) < c.last[0]:
+                    self._ensure_log(c)
+                    capital = Engine.capital(self, cid, now)  # replays up to `now`
+                    c = self._customers[cid]
+                else:
+                    capital = Engine.capital(self, cid, now)
+                if capital is None:
+                    continue
                 found.append({"customer": cid, "level": lvl, "capital": capital,
                               "last_event_at": _iso(last),
                               "last_contact_at": _iso(c.state.last_contact if c.state else None)})

@@ -877,3 +877,26 @@ def test_next_change_is_indexed(tmp_path):
         plan = " ".join(str(row[-1]) for row in store.db.execute(
             "EXPLAIN QUERY PLAN SELECT id FROM customers WHERE next_change_at <= 1"))
         assert "customers_next_change" in plan
+
+
+def test_a_rules_change_replays_every_customer_to_the_last_tick(tmp_path):
+    """Customers the tick did not visit are brought to its time under the new rules,
+    as a database built with those rules and ticked alike."""
+    drain = SIMPLE.replace("levels:", "silence: {after: 2d, rate_per_day: 1}\nlevels:")
+    first = simple_rules(tmp_path, drain.replace("below: 40", "below: 10"))  # day 42
+    second = tmp_path / "second.yaml"
+    second.write_text(drain.replace("below: 40", "below: 30"))  # day 22
+    events = [event("p1", "c1", "purchase", 1), event("p2", "c2", "purchase", 2)]
+    now = (START + timedelta(days=30)).isoformat()
+    with Engine.open(tmp_path / "a.db", rules=first) as switched, \
+            Engine.open(tmp_path / "b.db", rules=second) as built:
+        for store in (switched, built):
+            store.ingest(events)
+        assert switched.tick(now) == []
+        assert len(built.tick(now)) == 2
+        switched.use_rules(second)
+        for cid in ("c1", "c2"):
+            assert switched.level(cid) == built.level(cid) == "watch"
+            assert switched.next_change(cid) == built.next_change(cid)
+        assert sorted(d.id for d in switched.decisions()) == \
+            sorted(d.id for d in built.decisions())

@@ -740,3 +740,44 @@ def test_a_dead_letter_keeps_its_source_and_goes_when_the_fixed_event_lands(tmp_
     assert query(db, "SELECT source, id FROM events ORDER BY id") == [
         ("shop", "i1"), ("shop", "p1")]
     assert query(db, "SELECT count(*) FROM dead_letters") == [(0,)]
+
+
+def test_at_risk_at_an_earlier_time_replays_each_customer(shop):
+    at = "2025-09-01T00:00:00+00:00"
+    rows = json.loads(invoke("at-risk", "--db", shop, "--at", at, "--json").stdout)
+    assert rows
+    for row in rows[:5]:
+        shown = json.loads(invoke("customer", "--db", shop, row["customer"], "--at", at,
+                                  "--json").stdout)
+        assert row["capital"] == pytest.approx(shown["capital"])
+    assert all(r["capital"] is not None for r in rows)
+
+
+def test_init_in_an_existing_project_keeps_its_rules_version(tmp_path):
+    project = tmp_path / "shop"
+    assert invoke("init", project).exit_code == 0
+    rules = project / "rules" / "retail.yaml"
+    rules.write_text(rules.read_text().replace("points: -12", "points: -14"))
+    again = invoke("init", project)
+    assert again.exit_code == 0
+    assert "kept" in again.stdout and "note:" in again.stderr
+    versions = json.loads(invoke("rules", "list", "--db", project / "retention.db",
+                                 "--json").stdout)
+    assert len(versions) == 1
+
+
+def test_the_demo_does_not_overwrite_another_database(shop):
+    before = dump(shop)
+    result = invoke("demo", "--db", shop)
+    failed_cleanly(result, 1)
+    assert "is not a demo database" in one_line(result.output)
+    assert dump(shop) == before
+
+
+def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
+    events = tmp_path / "excel.csv"
+    events.write_bytes("\ufeffid,customer,type,at,amount\n1,ann,purchase,2025-01-01T10:00:00Z,10\n"
+                       .encode())
+    result = invoke("ingest", "--db", tmp_path / "r.db", "--rules", RETAIL, events)
+    assert result.exit_code == 0, result.output
+    assert counts(result.stdout)[:3] == (1, 0, 0)

@@ -92,3 +92,9 @@ CREATE TABLE counters (
     name TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+
+-- Settings of the store: how far time was applied ('ticked_to', seconds).
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value
+);
