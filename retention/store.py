@@ -54,6 +54,8 @@ from .times import from_seconds
 UNDELIVERED = ("pending", "suppressed", "held_out")
 #: SQLite's application id of a retention database ("RETN")
 APPLICATION_ID = 0x5245544E
+#: reasons an ingest report keeps in memory
+MAX_PROBLEMS = 1000
 #: events per transaction by default
 BATCH = 10_000
 #: customers loaded or written per statement (under SQLite's variable limit)
@@ -74,14 +76,15 @@ class IngestReport:
     decisions: int = 0
     identified: int = 0
     merged: int = 0
-    #: one line per dead-lettered input: ``origin:line: reason``
+    #: ``origin:line: reason`` of the first dead-lettered inputs (all of them are in
+    #: the dead-letter table; this list stops at ``MAX_PROBLEMS``)
     problems: list[str] = attrs.Factory(list)
 
     def add(self, other: IngestReport) -> None:
         for field in ("ingested", "duplicates", "dead_lettered", "decisions", "identified",
                       "merged"):
             setattr(self, field, getattr(self, field) + getattr(other, field))
-        self.problems.extend(other.problems)
+        self.problems.extend(other.problems[:MAX_PROBLEMS - len(self.problems)])
 
 
 @attrs.frozen
@@ -556,7 +559,8 @@ class StoredEngine(Engine):
                          event_source, None if event_id is None else str(event_id), digest,
                          received))
             where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
-            report.problems.append(f"{where}: {reason}")
+            if len(report.problems) < MAX_PROBLEMS:
+                report.problems.append(f"{where}: {reason}")
 
         for item in batch:
             raw = item.raw
@@ -947,6 +951,7 @@ class StoredEngine(Engine):
         snapshot = self.db.execute(
             "SELECT opened_at, level, capital, last_ts, next_change_at FROM customers"
             " WHERE id = ?", [canonical]).fetchone()
+        held = self.snapshot(canonical)
         names = self.identifiers(canonical)
         return {
             "customer": canonical,
@@ -954,7 +959,12 @@ class StoredEngine(Engine):
             "state": None if snapshot is None else {
                 "opened_at": _iso(snapshot[0]), "level": snapshot[1],
                 "capital_at_last_event": snapshot[2], "last_event_at": _iso(snapshot[3]),
-                "next_change_at": _iso(snapshot[4])},
+                "next_change_at": _iso(snapshot[4]),
+                "consent": held.consent if held else None,
+                "purchases": held.purchases if held else None,
+                "spent": held.spent if held else None,
+                "last_contact_at": _iso(held.state.last_contact)
+                if held and held.state else None},
             "events": events,
             "ledger": [e.to_dict() for e in self.explain(canonical)],
             "decisions": [d.to_dict() for d in self.decisions(canonical)],
