@@ -307,6 +307,8 @@ def _json_line(line: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as exc:
         return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except ValueError as exc:  # a number beyond Python's digit limit
+        return LineError(f"invalid JSON: {exc}")
 
 
 def _decoded(handle: BinaryIO, advance: Any) -> Iterator[tuple[int, str | None, str]]:
@@ -430,8 +432,8 @@ def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
             total.add(report)
     for problem in total.problems[:20]:
         click.echo(problem, err=True)
-    if len(total.problems) > 20:
-        click.echo(f"... and {len(total.problems) - 20} more (retention dead-letters)",
+    if total.dead_lettered > 20:
+        click.echo(f"... and {total.dead_lettered - 20} more (retention dead-letters)",
                    err=True)
     click.echo(f"ingested {total.ingested}, duplicates {total.duplicates}, "
                f"dead-lettered {total.dead_lettered}, decisions {total.decisions}"
@@ -623,6 +625,7 @@ def forget(db_path: Path, customer_id: str, yes: bool) -> None:
             click.confirm(f"erase {', '.join(names)} for good?", abort=True)
         held = engine.export(names[0])
         if held["state"] is None and not held["events"] and not held["dead_letters"]:
+            engine.scrub("nothing is held about this customer, and")  # an earlier forget
             raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
         erased = engine.forget(customer_id)
     click.echo("erased " + ", ".join(_count(n, k) for k, n in erased.items())
@@ -638,7 +641,7 @@ def export(db_path: Path, customer_id: str, output: TextIO) -> None:
     """Everything held about a customer, as JSON."""
     with _open(db_path) as engine:
         data = engine.export(customer_id)
-    if data["state"] is None and not data["events"]:
+    if data["state"] is None and not data["events"] and not data["dead_letters"]:
         raise RetentionError(f"unknown customer {customer_id!r}")
     output.write(json.dumps(data, indent=2, default=str) + "\n")
 
@@ -707,7 +710,8 @@ def demo(db_path: Path) -> None:
 def _is_demo(db_path: Path) -> bool:
     """Whether a file is a database ``retention demo`` made (it may recreate it)."""
     try:
-        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as conn:
+        with closing(sqlite3.connect(db_path.resolve().as_uri() + "?mode=ro",
+                                     uri=True)) as conn:
             return conn.execute("SELECT value FROM meta WHERE key = 'demo'").fetchone() \
                 is not None
     except sqlite3.Error:

@@ -275,8 +275,6 @@ class Engine:
         self._seen: dict[str, None] = {}
         self._seen_from: dict[str, dict[str, None]] = {}
         self._due: list[tuple[float, str]] = []
-        #: how far time was applied: a rules change replays every customer to it
-        self._ticked = -math.inf
         self._view = CustomerView(capital=None, level=None, purchases=0, spent=0.0,
                                   days_since_contact=None, consent=True)
         self._derive(rules)
@@ -409,7 +407,6 @@ class Engine:
         """Apply what time did up to ``now`` (levels fired or re-armed by silence, fades
         and the licence) for the customers that are due; returns the new decisions."""
         t = _moment(now)
-        self._ticked = max(self._ticked, t)
         made: list[Decision] = []
         due = self._due
         while due and due[0][0] <= t:
@@ -471,8 +468,7 @@ class Engine:
         self._derive(new)
         self._due = []
         for cid, old in list(self._customers.items()):
-            fresh = self._rebuild(cid, _unpack(old.log),
-                                  horizon=max(old.horizon, self._ticked))[0]
+            fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
             if old.decisions:
                 fresh.decisions = {**old.decisions, **(fresh.decisions or {})}
             self._customers[cid] = fresh

@@ -229,14 +229,15 @@ class StoredEngine(Engine):
             raise _explain_open_error(path, exc) from None
         try:
             # read before anything is written: a file that is not ours stays as it was
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            current, application, tables = conn.execute(
+                "SELECT (SELECT user_version FROM pragma_user_version),"
+                " (SELECT application_id FROM pragma_application_id),"
+                " (SELECT count(*) FROM sqlite_master)").fetchone()
             latest = _migrations()[-1][0]
             if current > latest:
                 raise StoreError(
                     f"{path}: schema version {current} is newer than this "
                     f"retention-engine knows ({latest}); upgrade retention-engine")
-            application = conn.execute("PRAGMA application_id").fetchone()[0]
             if (current == 0 and tables) or (current and application != APPLICATION_ID):
                 raise StoreError(f"{path}: a SQLite database, but not a retention one")
             _wal(conn)
@@ -543,21 +544,22 @@ class StoredEngine(Engine):
             raw = item.raw
             event_source = event_id = None
             if isinstance(raw, Mapping):
-                event_source = raw.get("source") or source
-                event_id = raw.get("id") if isinstance(raw.get("id"), str | int) else None
+                event_source = _plain(raw.get("source")) or source
+                event_id = _plain(raw.get("id"))
                 if event_source:  # kept with the source it came under
                     text = _dumps({**raw, "source": event_source})
                 else:
                     text = item.text if item.text is not None else _dumps(raw)
+            elif item.text is not None:
+                text = item.text
             else:
-                text = item.text if item.text is not None else ""
+                text = "" if isinstance(raw, Exception) else _dumps(raw)
             text = text.rstrip("\n")
             digest = hashlib.sha256(
-                f"{item.origin}\0{item.line}\0{text}".encode("utf-8", "surrogatepass")
+                f"{item.origin}\0{item.line}\0{text}\0{reason}".encode("utf-8", "surrogatepass")
             ).hexdigest()
             dead.append((item.origin, item.line, reason, text, int(item.retriable),
-                         event_source, None if event_id is None else str(event_id), digest,
-                         received))
+                         event_source, event_id, digest, received))
             where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
             if len(report.problems) < MAX_PROBLEMS:
                 report.problems.append(f"{where}: {reason}")
@@ -588,6 +590,14 @@ class StoredEngine(Engine):
                         "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
                         " retriable, source, event_id, digest, received_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
+                if report.ingested and self.db.execute(
+                        "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1"
+                        ).fetchone():
+                    # an event that landed at last (a fixed line) ends its letters
+                    self.db.execute(
+                        "DELETE FROM dead_letters WHERE event_id IS NOT NULL AND EXISTS ("
+                        "SELECT 1 FROM events WHERE events.source = dead_letters.source"
+                        " AND events.id = dead_letters.event_id)")
         finally:
             self._forget_loaded()
         report.dead_lettered = len(dead)
@@ -625,6 +635,9 @@ class StoredEngine(Engine):
                 except EventError as exc:
                     reject(item, str(exc))
                     continue
+                except OverflowError:
+                    reject(item, f"event {ev.id}: a number too large to count with")
+                    continue
                 full = self._full_ledgers.get(canonical)
                 if full is not None and self._replayed != canonical:
                     full.extend(outcome.ledger)  # after a recomputation in this batch
@@ -656,12 +669,7 @@ class StoredEngine(Engine):
         self.db.conn.executemany(
             "INSERT INTO events (source, id, customer, type, at, ts, props)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)", new_events)
-        if new_events and self.db.execute(
-                "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1").fetchone():
-            # an event that lands at last (a fixed file ingested again) ends its letter
-            self.db.conn.executemany(
-                "DELETE FROM dead_letters WHERE source = ? AND event_id = ?",
-                [(r[0], r[1]) for r in new_events])
+
         # a customer recomputed in this batch has its whole ledger written again
         skip = self._rewrite | self._gone
         self._insert_ledger(e for e in ledger if e.customer not in skip)
@@ -742,7 +750,13 @@ class StoredEngine(Engine):
             horizon = max(horizon, keep.horizon)
         for d in (gone.decisions or {}).values():
             # the same cause, trigger and action, seen from the merged customer
-            known.setdefault(decision_id(canonical, d.rule, d.trigger, d.action), d)
+            key = decision_id(canonical, d.rule, d.trigger, d.action)
+            if key not in known:
+                known[key] = d
+            elif d.id in self._delivered([d.id]):
+                known[d.id] = d  # delivered: kept as it is, under a key of its own
+            else:
+                self._drop.add(d.id)  # the merged customer decided the same already
         ledger: list[LedgerEntry] = []
         fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)[0]
         self._reconcile(known, fresh)
@@ -880,8 +894,8 @@ class StoredEngine(Engine):
                             self._ensure_log(old)
                             fresh = self._rebuild(cid, _unpack(old.log),
                                                   horizon=max(old.horizon, ticked))[0]
-                            if old.decisions:  # what was decided stays as it was
-                                fresh.decisions = {**(fresh.decisions or {}), **old.decisions}
+                            # the outbox follows the new history, as after a late event
+                            self._reconcile(old.decisions or {}, fresh)
                             self._customers[cid] = fresh
                             self._schedule(fresh)
                             self._rewrite.add(cid)
@@ -1004,16 +1018,20 @@ class StoredEngine(Engine):
             if erased["snapshots"] or erased["events"]:
                 execute("INSERT INTO counters (name, value) VALUES ('forgotten_customers', 1)"
                         " ON CONFLICT(name) DO UPDATE SET value = value + 1")
+        self.scrub(f"{canonical} is erased, but")
+        return erased
+
+    def scrub(self, what: str = "the file is vacuumed, but") -> None:
+        """VACUUM, then empty the write-ahead log: deleted data leaves the files. A
+        reader elsewhere can hold old pages in the log (the busy timeout waits for it
+        first): then a StoreError says to run it again once that reader is gone."""
         self.db.execute("VACUUM")
-        # the old pages must leave the write-ahead log too; a reader elsewhere can hold
-        # them there (the busy timeout waits for it first)
         busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         if busy:
             raise StoreError(
-                f"{self.path}: {canonical} is erased, but another process has the database "
-                "open and their old data stays in its write-ahead log until it closes: "
-                "run forget again then")
-        return erased
+                f"{self.path}: {what} another process has the database open and old data "
+                "stays in its write-ahead log until it closes: run `retention forget` "
+                "again then")
 
     # -- reports -------------------------------------------------------------------------
 
@@ -1046,7 +1064,6 @@ class StoredEngine(Engine):
                 elif c.last is not None and _moment(now) < c.last[0]:
                     self._ensure_log(c)
                     capital = Engine.capital(self, cid, now)  # replays up to `now`
-                    c = self._customers[cid]
                 else:
                     capital = Engine.capital(self, cid, now)
                 if capital is None:
@@ -1155,12 +1172,26 @@ def _salt() -> bytes:
     return _SALT[0]
 
 
+def _plain(value: Any) -> str | None:
+    """An event's id or source as text, as events name them; None for anything else."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value)
+    return text if len(text) <= 1000 else None
+
+
 def _mentions(raw: str, names: list[str]) -> bool:
     """Whether a raw input names one of ``names``: as a JSON string (escaped or not)
     or as a CSV cell."""
-    return any(json.dumps(name) in raw or json.dumps(name, ensure_ascii=False) in raw
-               or re.search(rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw)
-               for name in names)
+    if any(json.dumps(name) in raw or json.dumps(name, ensure_ascii=False) in raw
+           or re.search(rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw)
+           for name in names):
+        return True
+    try:  # a customer written as a number
+        value = json.loads(raw)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and _plain(value.get("customer")) in names
 
 
 def _iso(ts: float | None) -> str | None:

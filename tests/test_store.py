@@ -900,3 +900,39 @@ def test_a_rules_change_replays_every_customer_to_the_last_tick(tmp_path):
             assert switched.next_change(cid) == built.next_change(cid)
         assert sorted(d.id for d in switched.decisions()) == \
             sorted(d.id for d in built.decisions())
+
+
+def test_odd_inputs_are_each_kept_as_a_dead_letter(tmp_path):
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        bad_source = {**event("x", "c1", "gift", 1), "at": "2026-01-02T00:00:00",
+                      "source": 10**30}
+        report = store.ingest([["x"], "y", 5, None, bad_source,
+                               event("ok", "c1", "purchase", 0)])
+        assert (report.ingested, report.dead_lettered) == (1, 5)
+        assert [d["raw"] for d in store.dead_letters()][:4] == ['["x"]', '"y"', "5", "null"]
+
+
+def test_a_dead_letter_ends_when_its_fixed_event_lands_in_the_same_batch(tmp_path):
+    broken = {**event("z", "c1", "gift", 1), "at": "2026-01-02T00:00:00"}
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        report = store.ingest([event("p", "c1", "purchase", 0), broken,
+                               event("z", "c1", "gift", 1)])
+        assert (report.ingested, report.dead_lettered) == (2, 1)
+        assert store.dead_letters() == []
+
+
+def test_a_merge_keeps_one_decision_for_what_both_customers_decided(tmp_path):
+    drain = SIMPLE.replace("levels:", "silence: {after: 2d, rate_per_day: 1}\nlevels:")
+    events = [event("p1", "c1", "purchase", 0), event("z1", "c1", "gift", 0),
+              event("p2", "c2", "purchase", 0), event("z2", "c2", "gift", 0)]
+    now = (START + timedelta(days=33)).isoformat()
+    rules = simple_rules(tmp_path, drain)
+    with Engine.open(tmp_path / "a.db", rules=rules) as merged, \
+            Engine.open(tmp_path / "b.db", rules=rules) as linked_first:
+        merged.ingest(events)
+        assert len(merged.tick(now)) == 2  # each customer crosses at the same instant
+        merged.ingest([{"type": "identify", "customer": "c1", "aliases": ["c2"]}])
+        linked_first.ingest([{"type": "identify", "customer": "c1", "aliases": ["c2"]},
+                             *events])
+        linked_first.tick(now)
+        assert same_database(merged) == same_database(linked_first)
