@@ -143,17 +143,22 @@ def _migrations() -> list[tuple[int, str]]:
 
 
 def _statements(script: str) -> Iterator[str]:
-    """The SQL statements of a migration script, one at a time."""
+    """The SQL statements of a migration script, one at a time (a statement ends at
+    a semicolon that SQLite says completes it, wherever it is on its line)."""
     buffer = ""
-    for line in script.splitlines(keepends=True):
-        buffer += line
+    for part in script.split(";"):
+        buffer += part + ";"
         if sqlite3.complete_statement(buffer):
-            if buffer.strip():
+            if _uncommented(buffer[:-1]):
                 yield buffer
             buffer = ""
-    if buffer.strip() and not all(
-            part.strip().startswith("--") or not part.strip() for part in buffer.splitlines()):
-        raise StoreError(f"an incomplete statement ends a migration: {buffer.strip()[:60]}")
+    rest = _uncommented(buffer[:-1])
+    if rest:
+        raise StoreError(f"an incomplete statement ends a migration: {rest[:60]}")
+
+
+def _uncommented(sql: str) -> str:
+    return re.sub(r"--[^\n]*|/\*.*?\*/", "", sql, flags=re.S).strip()
 
 
 def _wal(conn: sqlite3.Connection, attempts: int = 200) -> None:

@@ -936,3 +936,15 @@ def test_a_merge_keeps_one_decision_for_what_both_customers_decided(tmp_path):
                              *events])
         linked_first.tick(now)
         assert same_database(merged) == same_database(linked_first)
+
+
+def test_migration_scripts_split_into_statements_as_sqlite_reads_them():
+    from retention.store import StoreError, _migrations, _statements
+
+    script = "CREATE TABLE a (x); CREATE TABLE b (y TEXT DEFAULT ';'); /* done */\n-- end\n"
+    assert [s.strip() for s in _statements(script)] == [
+        "CREATE TABLE a (x);", "CREATE TABLE b (y TEXT DEFAULT ';');"]
+    with pytest.raises(StoreError):
+        list(_statements("CREATE TABLE c (x"))
+    for _, text in _migrations():
+        assert all(sqlite3.complete_statement(s) for s in _statements(text))
