@@ -281,6 +281,10 @@ def _check_text_file(path: Path) -> None:
     lines would only fill the dead-letter table. A bad line inside a text file is
     dead-lettered, as any unusable line."""
     try:
+        if not path.exists():
+            raise FileNotFoundError
+        if not path.is_file():  # a pipe: read once, by the ingest itself
+            return
         with path.open("rb") as handle:
             head = handle.read(8192)
     except FileNotFoundError:

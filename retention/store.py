@@ -284,7 +284,11 @@ class StoredEngine(Engine):
             "SELECT files FROM rule_versions WHERE active = 1").fetchone()
         if row is None:
             return None
-        return load_texts([(p, t) for p, t in json.loads(row[0])])
+        try:
+            files = [(p, t) for p, t in json.loads(row[0])]
+        except (ValueError, TypeError):
+            raise StoreError(f"{self.path}: the stored rules version is damaged") from None
+        return load_texts(files)
 
     def _record_rules(self, rules: RuleSet) -> bool:
         """Make ``rules`` the active version; returns False if it already was."""
@@ -332,9 +336,16 @@ class StoredEngine(Engine):
             marks = ",".join("?" * len(part))
             for cid, blob in self.db.execute(
                     f"SELECT id, state FROM customers WHERE id IN ({marks})", part):
-                self._customers[cid] = decode(blob)
+                self._customers[cid] = self._decode(cid, blob)
                 self._partial.add(cid)
                 absent.discard(cid)
+
+    def _decode(self, cid: str, blob: bytes) -> Customer:
+        try:
+            return decode(blob)
+        except Exception as exc:  # bytes changed outside the engine
+            raise StoreError(f"{self.path}: the stored state of customer {cid} is damaged "
+                             f"({type(exc).__name__}: {exc})") from None
 
     def _loaded(self, cid: str) -> Customer | None:
         self._load([cid])
@@ -872,7 +883,7 @@ class StoredEngine(Engine):
         """A copy of one customer's state as stored (None if unknown)."""
         row = self.db.execute("SELECT state FROM customers WHERE id = ?",
                               [self.resolve(customer)]).fetchone()
-        return None if row is None else decode(row[0])
+        return None if row is None else self._decode(customer, row[0])
 
     # -- rules ---------------------------------------------------------------------------
 

@@ -781,3 +781,25 @@ def test_a_csv_with_a_byte_order_mark_is_read(tmp_path):
     result = invoke("ingest", "--db", tmp_path / "r.db", "--rules", RETAIL, events)
     assert result.exit_code == 0, result.output
     assert counts(result.stdout)[:3] == (1, 0, 0)
+
+
+def test_a_named_pipe_is_read_once_and_whole(tmp_path):
+    fifo = tmp_path / "events.pipe"
+    os.mkfifo(fifo)
+    lines = retail_lines(200)
+    writer = subprocess.Popen(["sh", "-c", f'cat > "{fifo}"'], stdin=subprocess.PIPE)
+    writer.stdin.write("".join(line + "\n" for line in lines).encode())
+    writer.stdin.close()
+    result = invoke("ingest", "--db", tmp_path / "r.db", "--rules", RETAIL, fifo)
+    writer.wait(timeout=30)
+    assert result.exit_code == 0, result.output
+    assert counts(result.stdout)[:3] == (200, 0, 0)
+
+
+def test_a_damaged_customer_state_is_one_line(shop):
+    with closing(sqlite3.connect(shop)) as conn:
+        conn.execute("UPDATE customers SET state = x'4d0102' WHERE id = 'c-0005'")
+        conn.commit()
+    result = invoke("customer", "--db", shop, "c-0005")
+    failed_cleanly(result, 1)
+    assert "stored state of customer c-0005 is damaged" in one_line(result.output)
