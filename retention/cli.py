@@ -283,6 +283,8 @@ def _check_text_file(path: Path) -> None:
     try:
         if not path.exists():
             raise FileNotFoundError
+        if path.is_dir():
+            raise RetentionError(f"{path}: a folder, not a file of events")
         if not path.is_file():  # a pipe: read once, by the ingest itself
             return
         with path.open("rb") as handle:
@@ -313,12 +315,30 @@ def _json_line(line: str) -> Any:
         return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
     except ValueError as exc:  # a number beyond Python's digit limit
         return LineError(f"invalid JSON: {exc}")
+    except RecursionError:
+        return LineError("invalid JSON: nested too deeply")
+
+
+#: the longest line an input may have
+_MAX_LINE = 16 * 2**20
 
 
 def _decoded(handle: BinaryIO, advance: Any) -> Iterator[tuple[int, str | None, str]]:
     """(line number, text or None if not UTF-8, text to keep) of each line."""
-    for number, data in enumerate(handle, 1):
+    number = 0
+    while True:
+        data = handle.readline(_MAX_LINE)
+        if not data:
+            return
+        number += 1
         advance(len(data))
+        if len(data) >= _MAX_LINE and not data.endswith(b"\n"):
+            while (more := handle.readline(_MAX_LINE)) and not more.endswith(b"\n"):
+                advance(len(more))  # the rest of a line too long to keep
+            advance(len(more))
+            yield number, None, f"a line longer than {_MAX_LINE // 2**20} MiB\0" + \
+                data[:200].decode("utf-8", errors="backslashreplace") + "..."
+            continue
         try:  # (a byte-order mark, as spreadsheets write, is not part of the first line)
             yield number, data.decode("utf-8-sig" if number == 1 else "utf-8"), ""
         except UnicodeDecodeError as exc:
@@ -361,6 +381,8 @@ def _incoming(path: str, source: str | None, fmt: str | None,
                 raw = _csv_event(header, line)
             if isinstance(raw, dict) and source and not raw.get("source"):
                 raw["source"] = source
+                if kind == "jsonl":
+                    line = json.dumps(raw)  # a dead letter keeps the source it came under
             # a CSV row is kept as the JSON object it made, so a retry reads it again
             text = line if kind == "jsonl" or not isinstance(raw, dict) else json.dumps(raw)
             yield Incoming(raw=raw, origin=origin, line=number, text=text,
@@ -628,8 +650,9 @@ def forget(db_path: Path, customer_id: str, yes: bool) -> None:
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase {', '.join(names)} for good?", abort=True)
         held = engine.export(names[0])
-        if held["state"] is None and not held["events"] and not held["dead_letters"]:
-            engine.scrub("nothing is held about this customer, and")  # an earlier forget
+        if not _holds(held):
+            if engine.scrub_pending():  # an earlier forget could not finish its scrub
+                engine.scrub("the earlier erasure is done, but")
             raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
         erased = engine.forget(customer_id)
     click.echo("erased " + ", ".join(_count(n, k) for k, n in erased.items())
@@ -645,9 +668,15 @@ def export(db_path: Path, customer_id: str, output: TextIO) -> None:
     """Everything held about a customer, as JSON."""
     with _open(db_path) as engine:
         data = engine.export(customer_id)
-    if data["state"] is None and not data["events"] and not data["dead_letters"]:
+    if not _holds(data):
         raise RetentionError(f"unknown customer {customer_id!r}")
     output.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _holds(export: dict[str, Any]) -> bool:
+    """Whether an export has anything about its customer."""
+    return bool(export["state"] is not None or export["events"] or export["dead_letters"]
+                or export["aliases"])
 
 
 @cli.group()

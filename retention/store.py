@@ -218,6 +218,8 @@ class StoredEngine(Engine):
         self._gone: set[str] = set()
         #: undelivered decisions a recomputed history no longer makes
         self._drop: set[str] = set()
+        #: (source, id) of the events the batch stored
+        self._landed: list[tuple[str, str]] = []
         if given is not None:
             if active is None:
                 self._record_rules(given)
@@ -286,6 +288,8 @@ class StoredEngine(Engine):
             return None
         try:
             files = [(p, t) for p, t in json.loads(row[0])]
+            if not all(isinstance(p, str) and isinstance(t, str) for p, t in files):
+                raise TypeError
         except (ValueError, TypeError):
             raise StoreError(f"{self.path}: the stored rules version is damaged") from None
         return load_texts(files)
@@ -342,7 +346,10 @@ class StoredEngine(Engine):
 
     def _decode(self, cid: str, blob: bytes) -> Customer:
         try:
-            return decode(blob)
+            customer = decode(blob)
+            if not isinstance(customer, Customer):
+                raise TypeError(f"a {type(customer).__name__}, not a customer")
+            return customer
         except Exception as exc:  # bytes changed outside the engine
             raise StoreError(f"{self.path}: the stored state of customer {cid} is damaged "
                              f"({type(exc).__name__}: {exc})") from None
@@ -357,6 +364,7 @@ class StoredEngine(Engine):
         self._partial.clear()
         self._gone.clear()
         self._drop.clear()
+        self._landed = []
         self._seen.clear()
         self._seen_from.clear()
         self._rewrite.clear()
@@ -560,10 +568,16 @@ class StoredEngine(Engine):
             raw = item.raw
             event_source = event_id = None
             if isinstance(raw, Mapping):
-                event_source = _plain(raw.get("source")) or source
-                event_id = _plain(raw.get("id"))
-                if event_source:  # kept with the source it came under
-                    text = _dumps({**raw, "source": event_source})
+                # (source, id) as Event.from_dict names them: the letter ends when
+                # that event lands
+                src = raw.get("source") or source
+                event_source = str(src) if src else ""
+                ident = raw.get("id")
+                if raw.get("type") != "identify" and ident not in (None, "") and \
+                        not isinstance(ident, bool) and isinstance(ident, str | int):
+                    event_id = str(ident)
+                if source and not raw.get("source"):  # kept with the source it came under
+                    text = _dumps({**raw, "source": source})
                 else:
                     text = item.text if item.text is not None else _dumps(raw)
             elif item.text is not None:
@@ -606,14 +620,14 @@ class StoredEngine(Engine):
                         "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
                         " retriable, source, event_id, digest, received_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
-                if report.ingested and self.db.execute(
+                if self._landed and self.db.execute(
                         "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1"
                         ).fetchone():
-                    # an event that landed at last (a fixed line) ends its letters
-                    self.db.execute(
-                        "DELETE FROM dead_letters WHERE event_id IS NOT NULL AND EXISTS ("
-                        "SELECT 1 FROM events WHERE events.source = dead_letters.source"
-                        " AND events.id = dead_letters.event_id)")
+                    # an event of this batch that landed at last (a fixed line) ends
+                    # its letters
+                    self.db.conn.executemany(
+                        "DELETE FROM dead_letters WHERE source = ? AND event_id = ?",
+                        self._landed)
         finally:
             self._forget_loaded()
         report.dead_lettered = len(dead)
@@ -680,6 +694,7 @@ class StoredEngine(Engine):
             report.merged += self._identify(step, aliases, touched, decisions)
         run_segment()
 
+        self._landed = [(r[0], r[1]) for r in new_events]
         if self._gone:  # events of a customer merged since: under the merged one
             new_events = [(*r[:2], aliases.get(r[2], r[2]), *r[3:]) for r in new_events]
         self.db.conn.executemany(
@@ -767,12 +782,19 @@ class StoredEngine(Engine):
         for d in (gone.decisions or {}).values():
             # the same cause, trigger and action, seen from the merged customer
             key = decision_id(canonical, d.rule, d.trigger, d.action)
-            if key not in known:
+            kept = known.get(key)
+            if kept is None:
                 known[key] = d
-            elif d.id in self._delivered([d.id]):
-                known[d.id] = d  # delivered: kept as it is, under a key of its own
+                continue
+            # both decided the same: one stays, a delivered one first
+            delivered = self._delivered([kept.id, d.id])
+            if d.id not in delivered:
+                self._drop.add(d.id)
+            elif kept.id not in delivered:
+                self._drop.add(kept.id)
+                known[key] = d
             else:
-                self._drop.add(d.id)  # the merged customer decided the same already
+                known[d.id] = d  # both delivered: both stay, as they are
         ledger: list[LedgerEntry] = []
         fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)[0]
         self._reconcile(known, fresh)
@@ -928,8 +950,8 @@ class StoredEngine(Engine):
         """Every rules version used, oldest first: hash, files, since when, active."""
         rows = self.db.execute(
             "SELECT hash, files, used_from, active FROM rule_versions ORDER BY rowid")
-        return [{"hash": h[:12], "files": ", ".join(p for p, _ in json.loads(files)),
-                 "used_from": used, "active": bool(active)} for h, files, used, active in rows]
+        return [{"hash": h[:16], "files": _file_names(files), "used_from": used,
+                 "active": bool(active)} for h, files, used, active in rows]
 
     # -- dead letters ---------------------------------------------------------------------
 
@@ -954,6 +976,8 @@ class StoredEngine(Engine):
                     raw: Any = json.loads(letter["raw"])
                 except json.JSONDecodeError as exc:
                     raw = LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+                except (ValueError, RecursionError) as exc:
+                    raw = LineError(f"invalid JSON: {exc}")
                 items.append(Incoming(raw=raw, origin=letter["origin"], line=letter["line"],
                                       text=letter["raw"]))
             seqs = [(letter["seq"],) for letter in part]
@@ -1037,13 +1061,24 @@ class StoredEngine(Engine):
         self.scrub(f"{canonical} is erased, but")
         return erased
 
+    def scrub_pending(self) -> bool:
+        """Whether an earlier erasure could not empty the write-ahead log."""
+        return self.db.execute("SELECT 1 FROM meta WHERE key = 'scrub_pending'").fetchone() \
+            is not None
+
     def scrub(self, what: str = "the file is vacuumed, but") -> None:
         """VACUUM, then empty the write-ahead log: deleted data leaves the files. A
         reader elsewhere can hold old pages in the log (the busy timeout waits for it
         first): then a StoreError says to run it again once that reader is gone."""
+        with self._writing():
+            self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('scrub_pending', 1)")
         self.db.execute("VACUUM")
         busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-        if busy:
+        if not busy:
+            with self._writing():
+                self.db.execute("DELETE FROM meta WHERE key = 'scrub_pending'")
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        else:
             raise StoreError(
                 f"{self.path}: {what} another process has the database open and old data "
                 "stays in its write-ahead log until it closes: run `retention forget` "
@@ -1188,12 +1223,11 @@ def _salt() -> bytes:
     return _SALT[0]
 
 
-def _plain(value: Any) -> str | None:
-    """An event's id or source as text, as events name them; None for anything else."""
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return None
-    text = str(value)
-    return text if len(text) <= 1000 else None
+def _file_names(files: str) -> str:
+    try:
+        return ", ".join(str(entry[0]) for entry in json.loads(files))
+    except (ValueError, TypeError, IndexError, KeyError):
+        return "(damaged)"
 
 
 def _mentions(raw: str, names: list[str]) -> bool:
@@ -1205,9 +1239,10 @@ def _mentions(raw: str, names: list[str]) -> bool:
         return True
     try:  # a customer written as a number
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
-    return isinstance(value, dict) and _plain(value.get("customer")) in names
+    customer = value.get("customer") if isinstance(value, dict) else None
+    return isinstance(customer, str | int) and str(customer) in names
 
 
 def _iso(ts: float | None) -> str | None:

@@ -948,3 +948,42 @@ def test_migration_scripts_split_into_statements_as_sqlite_reads_them():
         list(_statements("INSERT INTO t VALUES ('x"))  # a string never closed
     for _, text in _migrations():
         assert all(sqlite3.complete_statement(s) for s in _statements(text))
+
+
+def test_a_merge_keeps_the_delivered_one_of_two_equal_decisions(tmp_path):
+    drain = SIMPLE.replace("levels:", "silence: {after: 2d, rate_per_day: 1}\nlevels:")
+    events = [event("p1", "c1", "purchase", 0), event("p2", "c2", "purchase", 0)]
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path, drain)) as store:
+        store.ingest(events)
+        store.tick((START + timedelta(days=20)).isoformat())
+        [sent] = store.decisions("c2")
+        store.db.execute("UPDATE decisions SET status = 'sent' WHERE id = ?", [sent.id])
+        store.ingest([{"type": "identify", "customer": "c1", "aliases": ["c2"]}])
+        assert [(d.id, d.status) for d in store.decisions("c1")] == [(sent.id, "sent")]
+
+
+def test_a_dead_letter_is_not_ended_by_another_event_with_its_id(tmp_path):
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        store.ingest([event("e1", "c1", "purchase", 0)])
+        clash = {**event("e1", "c7", "incident", 3), "at": "2026-01-04T00:00:00"}
+        report = store.ingest([clash, event("e2", "c1", "gift", 4)])
+        assert report.dead_lettered == 1
+        assert len(store.dead_letters()) == 1
+
+
+def test_a_dead_letter_names_its_event_as_the_event_log_does(tmp_path):
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        store.ingest([{**event("e1", "c1", "purchase", 0), "at": "bad", "source": 0}])
+        store.ingest([{**event("e1", "c1", "purchase", 0), "source": 0}])
+        assert store.dead_letters() == []
+        assert store.db.execute("SELECT source, id FROM events").fetchall() == [("", "e1")]
+
+
+def test_an_identity_known_only_by_its_aliases_can_be_exported_and_forgotten(tmp_path):
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        store.ingest([{"type": "identify", "customer": "cust-qx81",
+                       "aliases": ["email:qx81@example.com"]}])
+        assert store.export("email:qx81@example.com")["aliases"] == ["email:qx81@example.com"]
+        store.forget("email:qx81@example.com")
+    data = (tmp_path / "r.db").read_bytes()
+    assert b"qx81" not in data

@@ -803,3 +803,12 @@ def test_a_damaged_customer_state_is_one_line(shop):
     result = invoke("customer", "--db", shop, "c-0005")
     failed_cleanly(result, 1)
     assert "stored state of customer c-0005 is damaged" in one_line(result.output)
+
+
+def test_a_folder_given_as_input_is_refused_before_anything_is_made(tmp_path):
+    folder = tmp_path / "events"
+    folder.mkdir()
+    result = invoke("ingest", "--db", tmp_path / "r.db", "--rules", RETAIL, folder)
+    failed_cleanly(result, 1)
+    assert "a folder, not a file of events" in one_line(result.output)
+    assert not (tmp_path / "r.db").exists()
