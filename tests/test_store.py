@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import random
 import sqlite3
 import tempfile
@@ -215,19 +214,11 @@ def test_refusing_a_sqlite_database_of_something_else_leaves_its_file_as_it_was(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.db"]
 
 
-def test_a_read_only_folder_gives_a_store_error(tmp_path):
-    folder = tmp_path / "locked"
-    folder.mkdir()
-    folder.chmod(0o555)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running with privileges that write into a read-only folder")
-        with pytest.raises(StoreError) as caught:
-            Engine.open(folder / "r.db", rules=RETAIL)
-        assert "r.db" in str(caught.value)
-        assert not isinstance(caught.value, sqlite3.Error)
-    finally:
-        folder.chmod(0o755)
+def test_a_read_only_folder_gives_a_store_error(read_only_folder):
+    with pytest.raises(StoreError) as caught:
+        Engine.open(read_only_folder / "r.db", rules=RETAIL)
+    assert "r.db" in str(caught.value)
+    assert not isinstance(caught.value, sqlite3.Error)
 
 
 def test_a_missing_folder_gives_a_store_error(tmp_path):
