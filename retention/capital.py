@@ -195,9 +195,8 @@ def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
 
 
 def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
-    value = raw_capital(state, rules, t)
     cap = rules.capital
-    return cap.min if value < cap.min else cap.max if value > cap.max else value
+    return clamp(raw_capital(state, rules, t), cap.min, cap.max)
 
 
 def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
@@ -216,14 +215,11 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
             licence = state.balance - old
     silence = 0.0
     if contact:
-        rule = rules.silence
-        if rule is not None and rule.rate_per_day > 0:
-            idle = t - state.last_contact - rule.after
-            if idle > 0:
-                old = state.balance
-                state.balance = clamp(old - rule.rate_per_day * (idle / DAY), cap.min,
-                                      cap.max)
-                silence = old - state.balance
+        drain = silence_due(state, rules, t)
+        if drain:
+            old = state.balance
+            state.balance = clamp(old - drain, cap.min, cap.max)
+            silence = old - state.balance
         state.last_contact = t
     if state.penalties:
         keep: list[Penalty] = []

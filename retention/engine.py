@@ -392,7 +392,7 @@ class Engine:
                 c.state, self._rules, c.last[0])
         t = _moment(at)
         if c.last is not None and t < c.last[0]:
-            c = self._rebuild(c.id, [r for r in _unpack(c.log) if r[0] <= t],
+            c = self._rebuild(c.id, [r for r in self._history(c) if r[0] <= t],
                               horizon=-math.inf)[0]
         if c.state is None or t < c.state.opened_at:
             return None
@@ -440,7 +440,7 @@ class Engine:
         if c is None:
             return []
         ledger: list[LedgerEntry] = []
-        self._rebuild(c.id, _unpack(c.log), horizon=-math.inf, ledger=ledger)
+        self._rebuild(c.id, self._history(c), horizon=-math.inf, ledger=ledger)
         return ledger
 
     def decisions(self, customer: str | None = None, *, status: str | None = None
@@ -468,7 +468,7 @@ class Engine:
         self._derive(new)
         self._due = []
         for cid, old in list(self._customers.items()):
-            fresh = self._rebuild(cid, _unpack(old.log), horizon=old.horizon)[0]
+            fresh = self._rebuild(cid, self._history(old), horizon=old.horizon)[0]
             if old.decisions:
                 fresh.decisions = {**old.decisions, **(fresh.decisions or {})}
             self._customers[cid] = fresh
@@ -825,13 +825,23 @@ class Engine:
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         """A late event: recompute the customer from all their events, in time order."""
         row = _row(ev)
-        fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
-                                      watch=row)
+        ledger: list[LedgerEntry] = []
+        fresh, result = self._rebuild(c.id, [*self._history(c), row], horizon=c.horizon,
+                                      watch=row, ledger=ledger)
         new = self._reconcile(c.decisions or {}, fresh)
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
+        self._recomputed(fresh, ledger)
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
+
+    def _history(self, c: Customer) -> Iterator[tuple[Any, ...]]:
+        """The rows of all of ``c``'s events (a store reads back those it keeps)."""
+        return _unpack(c.log)
+
+    def _recomputed(self, c: Customer, ledger: list[LedgerEntry]) -> None:
+        """``c`` was recomputed from their events, which moved capital as ``ledger``
+        says: the engine keeps no ledger; a store writes it again."""
 
     def _reconcile(self, known: dict[str, Decision], fresh: Customer) -> list[Decision]:
         """After a replay: the decisions the recomputed history made that are new.
@@ -848,10 +858,11 @@ class Engine:
         """Forget the event that failed half way through ``c`` and all it did: the log
         is cut back to ``mark`` bytes and the decisions to the first ``decided``."""
         del c.log[mark:]
-        if not c.log:
+        rows = list(self._history(c))
+        if not rows:
             del self._customers[c.id]
             return
-        fresh = self._rebuild(c.id, _unpack(c.log), horizon=c.horizon)[0]
+        fresh = self._rebuild(c.id, rows, horizon=c.horizon)[0]
         if c.decisions:
             kept = dict(itertools.islice(c.decisions.items(), decided))
             fresh.decisions = {**(fresh.decisions or {}), **kept}
@@ -867,13 +878,9 @@ class Engine:
 
     def _schedule(self, c: Customer) -> None:
         """Plan ``c`` and put it in the tick queue at its next change."""
-        c.dirty = False
-        if c.state is None:
-            return
-        when, c.levels_due = next_level_change(
-            c.state, self._rules, c.level_time, c.calm_low, c.calm_high)
-        c.next_change = when
-        if when == c.scheduled:
+        self._plan(c)
+        when = c.next_change
+        if c.state is None or when == c.scheduled:
             return
         c.scheduled = when
         if when < math.inf:

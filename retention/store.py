@@ -42,7 +42,7 @@ import attrs
 import sqlite_utils
 
 from .capital import capital_at
-from .engine import Customer, Engine, _moment, _pack, _row, _unpack, decision_id
+from .engine import Customer, Engine, _moment, _pack, _unpack, decision_id
 from .errors import EventError, LineError, RetentionError
 from .models import Decision, Event, LedgerEntry, Outcome
 from .rules import load_rules, load_texts
@@ -388,10 +388,9 @@ class StoredEngine(Engine):
                              json.loads(row[5])))
         c.log[:0] = stored
 
-    def _undo(self, c: Customer, mark: int, decided: int) -> None:
-        del c.log[mark:]
+    def _history(self, c: Customer) -> Iterator[tuple[Any, ...]]:
         self._ensure_log(c)
-        super()._undo(c, len(c.log), decided)
+        return _unpack(c.log)
 
     def _enqueue(self, c: Customer, when: float) -> None:
         """The store keeps the time in the snapshot (``next_change_at``) instead."""
@@ -409,9 +408,8 @@ class StoredEngine(Engine):
             self.db.execute("DELETE FROM ledger WHERE customer = ?", [cid])
             ledger = self._full_ledgers.pop(cid, None)
             if ledger is None:
-                self._ensure_log(c)
                 ledger = []
-                self._rebuild(cid, _unpack(c.log), horizon=-math.inf, ledger=ledger)
+                self._rebuild(cid, self._history(c), horizon=-math.inf, ledger=ledger)
             self._insert_ledger(ledger)
             self._upsert_decisions((c.decisions or {}).values())
         rules = self._rules
@@ -469,20 +467,10 @@ class StoredEngine(Engine):
 
     # -- replays: the outbox follows the recomputed history ------------------------------
 
-    def _replay(self, c: Customer, ev: Event
-                ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
-        self._ensure_log(c)
-        row = _row(ev)
-        ledger: list[LedgerEntry] = []
-        fresh, result = self._rebuild(c.id, [*_unpack(c.log), row], horizon=c.horizon,
-                                      watch=row, ledger=ledger)
-        new = self._reconcile(c.decisions or {}, fresh)
-        fresh.scheduled = c.scheduled
-        self._customers[c.id] = fresh
+    def _recomputed(self, c: Customer, ledger: list[LedgerEntry]) -> None:
+        """The customer's whole ledger is written again at the end of the batch."""
         self._full_ledgers[c.id] = ledger
         self._replayed = c.id
-        new.sort(key=lambda d: (d.at, d.id))
-        return result[0], result[1], result[2], new
 
     def _reconcile(self, known: dict[str, Decision], fresh: Customer) -> list[Decision]:
         """The recomputed history is the truth for what has not left the outbox: a
@@ -768,15 +756,12 @@ class StoredEngine(Engine):
         history; what was decided for either stays decided."""
         gone = self._customers.pop(other)
         keep = self._customers.get(canonical)
-        self._ensure_log(gone)
-        if keep is not None:
-            self._ensure_log(keep)
         self._gone.add(other)
-        rows = list(_unpack(gone.log))
+        rows = list(self._history(gone))
         known: dict[str, Decision] = {}
         horizon = gone.horizon
         if keep is not None:
-            rows.extend(_unpack(keep.log))
+            rows.extend(self._history(keep))
             known.update(keep.decisions or {})
             horizon = max(horizon, keep.horizon)
         for d in (gone.decisions or {}).values():
@@ -799,7 +784,7 @@ class StoredEngine(Engine):
         fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)[0]
         self._reconcile(known, fresh)
         self._customers[canonical] = fresh
-        self._full_ledgers[canonical] = ledger
+        self._recomputed(fresh, ledger)
         touched[canonical] = None
         touched.pop(other, None)
         self.db.execute("UPDATE events SET customer = ? WHERE customer = ?", [canonical, other])
@@ -854,9 +839,6 @@ class StoredEngine(Engine):
         canonical = self.resolve(customer)
         try:
             self._load([canonical])
-            c = self._customers.get(canonical)
-            if c is not None and at is not None:
-                self._ensure_log(c)
             return super().capital(canonical, at)
         finally:
             self._forget_loaded()
@@ -929,8 +911,7 @@ class StoredEngine(Engine):
                         self._load(part)
                         for cid in part:
                             old = self._customers[cid]
-                            self._ensure_log(old)
-                            fresh = self._rebuild(cid, _unpack(old.log),
+                            fresh = self._rebuild(cid, self._history(old),
                                                   horizon=max(old.horizon, ticked))[0]
                             # the outbox follows the new history, as after a late event
                             self._reconcile(old.decisions or {}, fresh)
@@ -1112,10 +1093,7 @@ class StoredEngine(Engine):
                 c = self._customers[cid]
                 if now is None:
                     capital = capital_at(c.state, self._rules, last) if c.state else None
-                elif c.last is not None and _moment(now) < c.last[0]:
-                    self._ensure_log(c)
-                    capital = Engine.capital(self, cid, now)  # replays up to `now`
-                else:
+                else:  # (replays the customer when `now` is before their latest event)
                     capital = Engine.capital(self, cid, now)
                 if capital is None:
                     continue
