@@ -335,14 +335,20 @@ class StoredEngine(Engine):
         wanted = [cid for cid in dict.fromkeys(ids)
                   if cid not in self._customers and cid not in absent]
         absent.update(wanted)  # until found below: not asked again in this batch
-        for start in range(0, len(wanted), _CHUNK):
-            part = wanted[start:start + _CHUNK]
-            marks = ",".join("?" * len(part))
-            for cid, blob in self.db.execute(
-                    f"SELECT id, state FROM customers WHERE id IN ({marks})", part):
-                self._customers[cid] = self._decode(cid, blob)
-                self._partial.add(cid)
-                absent.discard(cid)
+        for cid, blob in self._rows_in("SELECT id, state FROM customers WHERE id IN ({})",
+                                       wanted):
+            self._customers[cid] = self._decode(cid, blob)
+            self._partial.add(cid)
+            absent.discard(cid)
+
+    def _rows_in(self, sql: str, values: list[Any], before: tuple[Any, ...] = (),
+                 after: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
+        """The rows of ``sql`` with its ``IN ({})`` list given ``values``, a chunk at a
+        time (SQLite limits the parameters of one statement)."""
+        for start in range(0, len(values), _CHUNK):
+            part = values[start:start + _CHUNK]
+            yield from self.db.execute(sql.format(",".join("?" * len(part))),
+                                       [*before, *part, *after])
 
     def _decode(self, cid: str, blob: bytes) -> Customer:
         try:
@@ -498,14 +504,10 @@ class StoredEngine(Engine):
 
     def _delivered(self, ids: list[str]) -> set[str]:
         """Those of ``ids`` whose decision has left the outbox (sent, failed...)."""
-        found: set[str] = set()
-        marks = ",".join("?" * len(UNDELIVERED))
-        for start in range(0, len(ids), _CHUNK):
-            part = ids[start:start + _CHUNK]
-            found.update(i for (i,) in self.db.execute(
-                f"SELECT id FROM decisions WHERE id IN ({','.join('?' * len(part))})"
-                f" AND status NOT IN ({marks})", [*part, *UNDELIVERED]))
-        return found
+        undelivered = ",".join("?" * len(UNDELIVERED))
+        return {i for (i,) in self._rows_in(
+            "SELECT id FROM decisions WHERE id IN ({})"
+            f" AND status NOT IN ({undelivered})", ids, after=UNDELIVERED)}
 
     # -- ingestion ---------------------------------------------------------------------
 
@@ -703,24 +705,14 @@ class StoredEngine(Engine):
             by_source.setdefault(ev.source, []).append(ev.id)
         for src, ids in by_source.items():
             seen = self._seen if not src else self._seen_from.setdefault(src, {})
-            unique = list(dict.fromkeys(ids))
-            for start in range(0, len(unique), _CHUNK):
-                part = unique[start:start + _CHUNK]
-                marks = ",".join("?" * len(part))
-                for (event_id,) in self.db.execute(
-                        f"SELECT id FROM events WHERE source = ? AND id IN ({marks})",
-                        [src, *part]):
-                    seen[event_id] = None
+            for (event_id,) in self._rows_in(
+                    "SELECT id FROM events WHERE source = ? AND id IN ({})",
+                    list(dict.fromkeys(ids)), before=(src,)):
+                seen[event_id] = None
 
     def _aliases_of(self, names: Iterable[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        wanted = list(names)
-        for start in range(0, len(wanted), _CHUNK):
-            part = wanted[start:start + _CHUNK]
-            marks = ",".join("?" * len(part))
-            found.update(self.db.execute(
-                f"SELECT alias, customer FROM aliases WHERE alias IN ({marks})", part))
-        return found
+        return dict(self._rows_in("SELECT alias, customer FROM aliases WHERE alias IN ({})",
+                                  list(names)))
 
     # -- identity ----------------------------------------------------------------------
 
