@@ -16,7 +16,7 @@ import click
 
 from .engine import Engine
 from .errors import EventError, LineError, RetentionError, RuleFileError
-from .models import CORE_FIELDS
+from .models import CORE_FIELDS, parse_json_line
 from .output import format_options, render
 from .rules.loader import load_rules
 from .times import TimeFormatError, from_seconds, parse_instant
@@ -67,10 +67,7 @@ def _read_events(handle: TextIO, name: str) -> Iterator[tuple[int, str, Any]]:
     for number, line in enumerate(handle, 1):
         if not line.strip():
             continue
-        try:
-            yield number, line, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, line, LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+        yield number, line, parse_json_line(line)
 
 
 @cli.command()
@@ -307,18 +304,6 @@ def _check_text_file(path: Path) -> None:
                     "not a file of events, nothing ingested") from None
 
 
-def _json_line(line: str) -> Any:
-    """A parsed JSON line, or the EventError that says why it is not one."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError as exc:
-        return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
-    except ValueError as exc:  # a number beyond Python's digit limit
-        return LineError(f"invalid JSON: {exc}")
-    except RecursionError:
-        return LineError("invalid JSON: nested too deeply")
-
-
 #: the longest line an input may have
 _MAX_LINE = 16 * 2**20
 
@@ -371,7 +356,7 @@ def _incoming(path: str, source: str | None, fmt: str | None,
             if not line.strip():
                 continue
             if kind == "jsonl":
-                raw = _json_line(line)
+                raw = parse_json_line(line)
             elif header is None:
                 header = _csv_cells(line)
                 if not isinstance(header, list):

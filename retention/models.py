@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Mapping
 from datetime import datetime
@@ -10,7 +11,7 @@ from typing import Any, NamedTuple
 
 import attrs
 
-from .errors import EventError
+from .errors import EventError, LineError
 from .times import TimeFormatError, parse_instant
 
 
@@ -44,6 +45,19 @@ CORE_FIELDS = ("id", "customer", "type", "at", "source")
 _CLOUDEVENT_KEYS = frozenset({"specversion", "time", "data", "datacontenttype", "subject"})
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def parse_json_line(text: str) -> Any:
+    """One line of JSON input: the value it holds, or the LineError saying why it
+    holds none (returned, not raised, so the line can be kept as a dead letter)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+    except ValueError as exc:  # a number beyond Python's digit limit
+        return LineError(f"invalid JSON: {exc}")
+    except RecursionError:
+        return LineError("invalid JSON: nested too deeply")
 
 
 def _text(raw: Mapping[str, Any], field: str, event_id: object) -> str:

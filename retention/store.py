@@ -44,7 +44,7 @@ import sqlite_utils
 from .capital import capital_at
 from .engine import Customer, Engine, _moment, _pack, _unpack, decision_id
 from .errors import EventError, LineError, RetentionError
-from .models import Decision, Event, LedgerEntry, Outcome
+from .models import Decision, Event, LedgerEntry, Outcome, parse_json_line
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
 from .snapshot import decode, encode
@@ -939,19 +939,15 @@ class StoredEngine(Engine):
         """Ingest the dead letters again (after a fix of the input or the rules): those
         that now go in leave the table, the others stay with their new reason."""
         report = IngestReport()
-        letters = [d for d in self.dead_letters() if d["retriable"]]
-        report.dead_lettered = sum(1 for d in self.dead_letters() if not d["retriable"])
+        letters = self.dead_letters()
+        report.dead_lettered = sum(1 for d in letters if not d["retriable"])
+        letters = [d for d in letters if d["retriable"]]
         for start in range(0, len(letters), self.batch_size):
             part = letters[start:start + self.batch_size]
             items = []
             for letter in part:
-                try:
-                    raw: Any = json.loads(letter["raw"])
-                except json.JSONDecodeError as exc:
-                    raw = LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
-                except (ValueError, RecursionError) as exc:
-                    raw = LineError(f"invalid JSON: {exc}")
-                items.append(Incoming(raw=raw, origin=letter["origin"], line=letter["line"],
+                items.append(Incoming(raw=parse_json_line(letter["raw"]),
+                                      origin=letter["origin"], line=letter["line"],
                                       text=letter["raw"]))
             seqs = [(letter["seq"],) for letter in part]
             # the old letters go in the same transaction as their new attempt
