@@ -18,7 +18,7 @@ import marshal
 import math
 import pickle
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -47,7 +47,15 @@ from .models import (
 )
 from .rules.loader import load_rules
 from .rules.model import ActionRef, RuleSet
-from .times import DAY, TimeFormatError, format_instant, from_seconds, parse_instant
+from .times import (
+    DAY,
+    TimeFormatError,
+    fixed_offset,
+    format_instant,
+    from_micros,
+    from_seconds,
+    parse_instant,
+)
 
 if TYPE_CHECKING:
     from .store import StoredEngine
@@ -186,8 +194,6 @@ def _row(event: Event) -> tuple[Any, ...]:
     return (event.ts, event.id, event.source, event.type, event.at, event.props)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_ZONES: dict[int, timezone] = {0: UTC}
 _MARSHALLED, _PICKLED = 0, 1
 
 
@@ -205,12 +211,10 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     if type(props) is not dict:
         props = dict(props)
         row = (ts, event_id, source, kind, at, props)
-    zone = at.tzinfo
-    offset = at.utcoffset()
-    if type(zone) is timezone and offset is not None and not offset.microseconds:
+    offset = fixed_offset(at)
+    if offset is not None:
         try:
-            body = marshal.dumps((round(ts * 1e6), event_id, source, kind,
-                                  offset // _SECOND, props))
+            body = marshal.dumps((round(ts * 1e6), event_id, source, kind, offset, props))
             return len(body).to_bytes(4, "little") + b"\x00" + body
         except ValueError:
             pass
@@ -232,17 +236,11 @@ def _unpack(log: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
         body = view[at + 5:at + 5 + size]
         if view[at + 4] == _MARSHALLED:
             micros, event_id, source, kind, offset, props = marshal.loads(body)
-            zone = _ZONES.get(offset)
-            if zone is None:
-                zone = _ZONES[offset] = timezone(timedelta(seconds=offset))
-            moment = (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
-            yield (micros / 1e6, event_id, source, kind, moment, props)
+            yield (micros / 1e6, event_id, source, kind, from_micros(micros, offset), props)
         else:
             yield pickle.loads(body)
         at += 5 + size
 
-
-_SECOND = timedelta(seconds=1)
 
 
 def _event_of(customer: str, row: tuple[Any, ...]) -> Event:

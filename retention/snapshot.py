@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import marshal
 import pickle
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
 from .engine import Customer, _Taken
 from .models import Decision
+from .times import fixed_offset, from_micros
 
 _MARSHAL, _PICKLE = b"M", b"P"
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_SECOND = timedelta(seconds=1)
 _new = object.__new__
 
 #: encoded fade -> the fade object, shared by every penalty that uses it
@@ -62,27 +60,18 @@ def _penalty_in(row: tuple[Any, ...]) -> Penalty:
     return p
 
 
-def _moment_out(at: datetime) -> tuple[int, int]:
-    zone, offset = at.tzinfo, at.utcoffset()
-    if type(zone) is not timezone or offset is None or offset.microseconds:
-        raise _Unfit("time zone")
-    return (at - _EPOCH) // timedelta(microseconds=1), offset // _SECOND
-
-
-def _moment_in(micros: int, offset: int) -> datetime:
-    zone = UTC if offset == 0 else timezone(timedelta(seconds=offset))
-    return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
-
-
 def _decision_out(d: Decision) -> tuple[Any, ...]:
-    micros, offset = _moment_out(d.at)
+    offset = fixed_offset(d.at)
+    if offset is None:
+        raise _Unfit("time zone")
+    micros = round(d.at.timestamp() * 1e6)
     return (d.id, d.customer, d.rule, d.action, dict(d.params), micros, offset, d.kind, d.via,
             d.trigger, d.status, d.reason)
 
 
 def _decision_in(row: tuple[Any, ...]) -> Decision:
     d = _new(Decision)
-    d.__setstate__((*row[:5], _moment_in(row[5], row[6]), *row[7:]))
+    d.__setstate__((*row[:5], from_micros(row[5], row[6]), *row[7:]))
     return d
 
 

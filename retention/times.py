@@ -7,7 +7,7 @@ at the API boundary it is a timezone-aware :class:`datetime.datetime`.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 DAY = 86400.0
 #: durations longer than this are refused: no retention rule needs them
@@ -64,3 +64,28 @@ def format_instant(seconds: float) -> str:
     """A stable ISO-8601 form (UTC, milliseconds), used in decision triggers."""
     moment = from_seconds(seconds)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+# -- instants as plain numbers, for compact storage ------------------------------------
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_SECOND = timedelta(seconds=1)
+_ZONES: dict[int, timezone] = {0: UTC}
+
+
+def fixed_offset(moment: datetime) -> int | None:
+    """The UTC offset of ``moment`` in whole seconds, when its zone is a fixed offset
+    (a zone with rules, or an offset with microseconds, gives None): with its
+    microseconds since the epoch, that is all it takes to rebuild it exactly."""
+    offset = moment.utcoffset()
+    if type(moment.tzinfo) is not timezone or offset is None or offset.microseconds:
+        return None
+    return offset // _SECOND
+
+
+def from_micros(micros: int, offset: int) -> datetime:
+    """The instant ``micros`` after the epoch, in the fixed zone ``offset`` seconds east."""
+    zone = _ZONES.get(offset)
+    if zone is None:
+        zone = _ZONES[offset] = timezone(timedelta(seconds=offset))
+    return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
