@@ -60,6 +60,20 @@ def parse_json_line(text: str) -> Any:
         return LineError("invalid JSON: nested too deeply")
 
 
+def source_of(raw: Mapping[str, Any], default: str = "") -> str:
+    """The source an event mapping names, or ``default``, as the event will carry it."""
+    src = raw.get("source") or default
+    return str(src) if src else ""
+
+
+def id_of(raw: Mapping[str, Any]) -> str | None:
+    """The id an event mapping gives, as the event will carry it; None if unusable."""
+    try:
+        return _text(raw, "id", None)
+    except EventError:
+        return None
+
+
 def _text(raw: Mapping[str, Any], field: str, event_id: object) -> str:
     value = raw.get(field)
     if value is None or value == "":
@@ -125,14 +139,13 @@ class Event:
             at = parse_instant(raw["at"])
         except TimeFormatError as exc:
             raise EventError(f"field 'at': {exc}", field="at", event_id=event_id) from None
-        src = raw.get("source") or source
         props = {k: v for k, v in raw.items() if k not in CORE_FIELDS}
         return cls(
             id=event_id,
             customer=customer,
             type=kind,
             at=at,
-            source=str(src) if src else "",
+            source=source_of(raw, source),
             props=props,
         )
 

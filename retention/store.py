@@ -44,7 +44,15 @@ import sqlite_utils
 from .capital import capital_at
 from .engine import Customer, Engine, _moment, _pack, _unpack, decision_id
 from .errors import EventError, LineError, RetentionError
-from .models import Decision, Event, LedgerEntry, Outcome, parse_json_line
+from .models import (
+    Decision,
+    Event,
+    LedgerEntry,
+    Outcome,
+    id_of,
+    parse_json_line,
+    source_of,
+)
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
 from .snapshot import decode, encode
@@ -542,8 +550,6 @@ class StoredEngine(Engine):
         report = self._ingest_batch([Incoming(raw=raw)], source, outcomes=outcomes)
         if report.problems:
             raise LineError(report.problems[0].split(": ", 1)[-1])
-        if not outcomes:
-            raise EventError("an identify event links identifiers: give it to ingest()")
         return outcomes[0]
 
     def _ingest_batch(self, batch: list[Incoming], source: str,
@@ -558,14 +564,11 @@ class StoredEngine(Engine):
             raw = item.raw
             event_source = event_id = None
             if isinstance(raw, Mapping):
-                # (source, id) as Event.from_dict names them: the letter ends when
-                # that event lands
-                src = raw.get("source") or source
-                event_source = str(src) if src else ""
-                ident = raw.get("id")
-                if raw.get("type") != "identify" and ident not in (None, "") and \
-                        not isinstance(ident, bool) and isinstance(ident, str | int):
-                    event_id = str(ident)
+                # (source, id) as the event names them: the letter ends when that
+                # event lands
+                event_source = source_of(raw, source)
+                if raw.get("type") != "identify":
+                    event_id = id_of(raw)
                 if source and not raw.get("source"):  # kept with the source it came under
                     text = _dumps({**raw, "source": source})
                 else:
