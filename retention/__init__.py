@@ -10,6 +10,7 @@ Embed it in a few lines::
 
 from .engine import Engine, decision_id, in_holdout
 from .errors import EventError, RetentionError, RuleFileError, RuleProblem
+from .hookspecs import hookimpl
 from .models import Decision, Event, LedgerEntry, Outcome
 from .rules import load_rules, load_texts, register_function
 
@@ -24,8 +25,14 @@ __all__ = [
     "RuleFileError",
     "RuleProblem",
     "decision_id",
+    "hookimpl",
     "in_holdout",
     "load_rules",
     "load_texts",
     "register_function",
 ]
+
+# Last, with every name above defined: a plugin may import ``retention`` itself.
+from . import plugins as _plugins
+
+_plugins.load()

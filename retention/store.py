@@ -554,8 +554,13 @@ class StoredEngine(Engine):
 
     def _ingest_batch(self, batch: list[Incoming], source: str,
                       outcomes: list[Outcome] | None = None,
-                      also: Any = None) -> IngestReport:
+                      also: Any = None, results: dict[int, Any] | None = None
+                      ) -> IngestReport:
+        """One transaction. ``results``, when given, receives for each input
+        (keyed by ``id(item)``) ``("new", outcome)``, ``("duplicate", outcome)``,
+        ``("identified", None)`` or ``("dead_lettered", reason)``."""
         report = IngestReport()
+        note = results.__setitem__ if results is not None else None
         dead: list[tuple[Any, ...]] = []
         steps: list[Any] = []  # Events, and identify requests in input order
         received = _now_text()
@@ -583,6 +588,8 @@ class StoredEngine(Engine):
             ).hexdigest()
             dead.append((item.origin, item.line, reason, text, int(item.retriable),
                          event_source, event_id, digest, received))
+            if note is not None:
+                note(id(item), ("dead_lettered", reason))
             where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
             if len(report.problems) < MAX_PROBLEMS:
                 report.problems.append(f"{where}: {reason}")
@@ -597,6 +604,9 @@ class StoredEngine(Engine):
                     steps.append(_identify_request(raw))
                 except EventError as exc:
                     reject(item, str(exc))
+                    continue
+                if note is not None:
+                    note(id(item), ("identified", None))
                 continue
             try:
                 steps.append((Event.from_dict(raw, source=source), item))
@@ -607,7 +617,7 @@ class StoredEngine(Engine):
             with self._writing():
                 if also is not None:
                     also()
-                self._apply_steps(steps, report, reject, outcomes)
+                self._apply_steps(steps, report, reject, outcomes, note)
                 if dead:
                     self.db.conn.executemany(
                         "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
@@ -627,7 +637,7 @@ class StoredEngine(Engine):
         return report
 
     def _apply_steps(self, steps: list[Any], report: IngestReport, reject: Any,
-                     outcomes: list[Outcome] | None) -> None:
+                     outcomes: list[Outcome] | None, note: Any = None) -> None:
         events = [s[0] for s in steps if isinstance(s, tuple)]
         aliases = self._aliases_of({ev.customer for ev in events} | {
             name for s in steps if isinstance(s, _Identify) for name in s.names()})
@@ -666,6 +676,8 @@ class StoredEngine(Engine):
                     full.extend(outcome.ledger)  # after a recomputation in this batch
                 if outcomes is not None:
                     outcomes.append(outcome)
+                if note is not None:
+                    note(id(item), ("duplicate" if outcome.duplicate else "new", outcome))
                 if outcome.duplicate:
                     report.duplicates += 1
                     continue
@@ -872,7 +884,7 @@ class StoredEngine(Engine):
         rows = self.db.execute(
             "SELECT id, customer, rule, action, params, at, kind, via, trigger, status, reason"
             f" FROM decisions WHERE {' AND '.join(where)} ORDER BY ts, id", args)
-        return [_decision_of(row) for row in rows]
+        return [decision_of(row) for row in rows]
 
     def customers(self) -> Iterator[str]:
         for (cid,) in self.db.execute("SELECT id FROM customers ORDER BY id"):
@@ -1218,7 +1230,7 @@ def _iso(ts: float | None) -> str | None:
     return None if ts is None or ts in (math.inf, -math.inf) else from_seconds(ts).isoformat()
 
 
-def _decision_of(row: tuple[Any, ...]) -> Decision:
+def decision_of(row: tuple[Any, ...]) -> Decision:
     did, customer, rule, action, params, at, kind, via, trigger, status, reason = row
     return Decision(id=did, customer=customer, rule=rule, action=action,
                     params=json.loads(params) if params else {},

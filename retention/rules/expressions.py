@@ -70,24 +70,9 @@ class _Missing:
 MISSING = _Missing()
 
 
-def _lower(value: Any) -> Any:
-    return value.lower()
-
-
-def _upper(value: Any) -> Any:
-    return value.upper()
-
-
-#: Functions a condition may call; plugins add to it through ``register_function``.
-FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "abs": abs,
-    "len": len,
-    "lower": _lower,
-    "max": max,
-    "min": min,
-    "round": round,
-    "upper": _upper,
-}
+#: Functions a condition may call: the plugins' (``register_functions`` hook; the
+#: built-in ones are in retention/plugins/functions.py) and ``register_function``'s.
+FUNCTIONS: dict[str, Callable[..., Any]] = {}
 
 
 def register_function(name: str, function: Callable[..., Any]) -> None:

@@ -22,7 +22,8 @@ import yaml
 from ..capital import HalfLifeFade, LinearFade, RateFade
 from ..errors import RuleFileError, RuleProblem
 from ..times import TimeFormatError, parse_duration
-from .expressions import Condition, ExpressionError, compile_condition
+from . import matchers
+from .expressions import Condition, ExpressionError
 from .model import (
     ACTION_KINDS,
     CATEGORIES,
@@ -51,11 +52,11 @@ KEYS: dict[str, tuple[str, ...]] = {
     "capital": ("initial", "min", "max", "opens_on"),
     "rule": ("when", "points", "fades_over", "half_life", "fades", "keep", "repeat",
              "category", "then", "recovers", "match", "within", "refund", "bonus",
-             "description", "pattern"),
+             "description", "pattern", "matcher"),
     "fades": ("rate", "per"),
     "repeat": ("within", "factor"),
     "level": ("name", "below", "rearm", "then", "holdout", "description"),
-    "recognition": ("every", "when", "after", "then", "description"),
+    "recognition": ("every", "when", "after", "then", "description", "matcher"),
     "after": ("purchases", "or_spent", "within"),
     "silence": ("after", "rate_per_day", "contacts"),
     "licence": ("clean_for", "points", "up_to"),
@@ -327,14 +328,25 @@ class _Section:
         source = self.text(key, required=required)
         if source is None:
             return None
+        matcher = self.text("matcher") or matchers.DEFAULT
+        compile = matchers.MATCHERS.get(matcher)
+        if compile is None:
+            known = sorted(matchers.MATCHERS)
+            self.error("matcher", f"unknown matcher {matcher!r}{_suggest(matcher, known)}; "
+                                  f"matchers: {', '.join(known) or 'none loaded'}")
+            return None
         try:
-            return compile_condition(source)
+            return compile(source)
         except ExpressionError as exc:
             line, col = self.m.val_pos[key]
             offset = self.m.val_offset.get(key)
             if offset is not None and exc.line == 1:  # a one-line scalar: exact column
                 col += offset + exc.column - 1
             self.owner.error(self.file, (line, col), str(exc))
+            return None
+        except Exception as exc:  # a plugin's matcher: its failure is a load error too
+            self.error(key, f"matcher {matcher!r} cannot compile this condition: "
+                            f"{type(exc).__name__}: {exc}")
             return None
 
 

@@ -1,0 +1,373 @@
+"""Delivering decisions from the outbox to the sinks their actions name.
+
+A decision is claimed in one transaction (status ``sending``, with a lease), handed
+to its sink outside any transaction, then marked ``sent`` or ``failed`` in another.
+A process that dies mid-delivery leaves the decision ``sending``; once the lease
+runs out, the next delivery run claims it again. So every decision is delivered at
+least once, and its id travels with it as the idempotency key a host deduplicates
+on. A failed decision is tried again after an exponential backoff, up to
+``max_attempts`` tries; then it stays ``failed`` until an operator retries it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import RetentionError
+from .models import Decision
+from .rules.model import Action
+from .store import decision_of
+
+#: tries before a decision stays failed for an operator
+MAX_ATTEMPTS = 8
+#: seconds before the first retry; each further retry waits twice as long
+BACKOFF = 30.0
+#: the longest wait between two tries (seconds)
+MAX_BACKOFF = 3600.0
+#: seconds a claimed decision belongs to the process delivering it
+LEASE = 300.0
+
+
+class DeliveryError(RetentionError):
+    """A sink could not deliver a decision. ``permanent`` says that trying again
+    cannot help (no address, a template missing, the receiver refused it for good)."""
+
+    def __init__(self, message: str, *, permanent: bool = False):
+        super().__init__(message)
+        self.permanent = permanent
+
+
+class SettingError(RetentionError):
+    """A sink or source lacks a setting it needs."""
+
+
+@attrs.frozen
+class Settings:
+    """Settings of sinks and sources: ``values`` holds ``"section.key"`` entries
+    (``retention deliver --set email.host=...``); a key missing there is read from the
+    environment as ``RETENTION_<SECTION>_<KEY>`` (``RETENTION_EMAIL_HOST``)."""
+
+    values: Mapping[str, str] = attrs.field(factory=dict)
+    environ: Mapping[str, str] = attrs.field(factory=lambda: os.environ, repr=False)
+
+    def get(self, section: str, key: str, default: str | None = None) -> str | None:
+        value = self.values.get(f"{section}.{key}")
+        if value is None:
+            value = self.environ.get(env_name(section, key))
+        return default if value is None or value == "" else value
+
+    def require(self, section: str, key: str) -> str:
+        value = self.get(section, key)
+        if value is None:
+            raise SettingError(f"{section}: set {env_name(section, key)} "
+                               f"(or --set {section}.{key}=...)")
+        return value
+
+    def flag(self, section: str, key: str, default: bool = False) -> bool:
+        value = self.get(section, key)
+        if value is None:
+            return default
+        lowered = value.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingError(f"{section}: {env_name(section, key)} must be true or false, "
+                           f"got {value!r}")
+
+    def number(self, section: str, key: str, default: float) -> float:
+        value = self.get(section, key)
+        if value is None:
+            return default
+        try:
+            return float(value)
+        except ValueError:
+            raise SettingError(f"{section}: {env_name(section, key)} must be a number, "
+                               f"got {value!r}") from None
+
+
+def env_name(section: str, key: str) -> str:
+    return f"RETENTION_{section}_{key}".upper().replace("-", "_").replace(".", "_")
+
+
+def parse_settings(pairs: Iterable[str]) -> dict[str, str]:
+    """``["email.host=localhost", ...]`` as a mapping; a malformed pair is an error."""
+    values = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        section, dot, key = name.partition(".")
+        if not sep or not dot or not section.strip() or not key.strip():
+            raise SettingError(f"--set {pair!r}: write SECTION.KEY=VALUE, like "
+                               "email.host=smtp.example.com")
+        values[f"{section.strip()}.{key.strip()}"] = value
+    return values
+
+
+@attrs.frozen(kw_only=True)
+class Delivery:
+    """What a sink gets: the decision, its action as the rules declare it, every
+    identifier known for the customer (``email:ann@example.com``...), the folder of
+    the message templates, and the number of this try (1 for the first)."""
+
+    decision: Decision
+    action: Action | None
+    identifiers: tuple[str, ...] = ()
+    templates: Path | None = None
+    attempt: int = 1
+
+    @property
+    def key(self) -> str:
+        """The idempotency key: the decision id, the same on every try."""
+        return self.decision.id
+
+    def identifier(self, prefix: str) -> str | None:
+        """The first identifier ``prefix:value`` of the customer, as ``value``."""
+        for name in self.identifiers:
+            scheme, sep, value = name.partition(":")
+            if sep and scheme == prefix and value:
+                return value
+        return None
+
+
+@attrs.define
+class DeliveryReport:
+    """What one delivery run did."""
+
+    sent: int = 0
+    failed: int = 0
+    #: failed decisions that reached the limit and wait for an operator
+    gave_up: int = 0
+    #: pending decisions whose sink no loaded plugin provides: via -> count
+    waiting: Counter[str] = attrs.Factory(Counter)
+    errors: list[str] = attrs.Factory(list)
+
+
+def backoff(attempts: int, base: float = BACKOFF, cap: float = MAX_BACKOFF) -> float:
+    """Seconds to wait after the ``attempts``-th failed try."""
+    return min(cap, base * 2 ** max(0, attempts - 1))
+
+
+class Deliverer:
+    """Delivers the outbox of a stored engine through the sinks.
+
+    ``sinks`` maps a sink name to its factory (``plugins.sinks()``); a factory is
+    called with ``settings`` the first time a decision needs it. ``routes`` sends
+    the decisions of one ``via`` to another sink (``{"crm_task": "log"}``).
+    """
+
+    def __init__(self, store: Any, sinks: Mapping[str, Callable[[Settings], Any]], *,
+                 settings: Settings | None = None, routes: Mapping[str, str] | None = None,
+                 templates: Path | None = None, max_attempts: int = MAX_ATTEMPTS,
+                 base_backoff: float = BACKOFF, lease: float = LEASE,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.factories = dict(sinks)
+        self.settings = settings or Settings()
+        self.routes = dict(routes or {})
+        for via, target in self.routes.items():
+            if target not in self.factories:
+                raise SettingError(f"--route {via}={target}: no sink named {target!r} "
+                                   f"(sinks: {', '.join(sorted(self.factories))})")
+        self.templates = templates
+        self.max_attempts = max(1, max_attempts)
+        self.base_backoff = base_backoff
+        self.lease = lease
+        self.clock = clock
+        self._sinks: dict[str, Any] = {}
+
+    # -- which sinks -------------------------------------------------------------------
+
+    def sink_name(self, via: str) -> str | None:
+        name = self.routes.get(via, via)
+        return name if name in self.factories else None
+
+    def _deliverable(self) -> list[str]:
+        """The ``via`` names a loaded sink (or a route) delivers."""
+        return sorted(set(self.factories) | set(self.routes))
+
+    def _prepare(self) -> None:
+        """Set up the sinks the due decisions need, before any is claimed: a sink
+        missing a setting stops the run with nothing claimed."""
+        now = self.clock()
+        for (via,) in self.store.db.conn.execute(
+                "SELECT DISTINCT via FROM decisions WHERE via IS NOT NULL AND"
+                " customer IS NOT NULL AND (status = 'pending' OR (status = 'failed' AND"
+                " next_try <= ?) OR status = 'sending')", [now]).fetchall():
+            name = self.sink_name(via)
+            if name is not None:
+                self._sink(name)
+
+    def _sink(self, name: str) -> Any:
+        sink = self._sinks.get(name)
+        if sink is None:
+            sink = self._sinks[name] = self.factories[name](self.settings)
+        return sink
+
+    def close(self) -> None:
+        for sink in self._sinks.values():
+            closer = getattr(sink, "close", None)
+            if closer is not None:
+                closer()
+        self._sinks.clear()
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def run(self, *, limit: int | None = None, chunk: int = 100) -> DeliveryReport:
+        """Deliver what is due now: pending decisions, failed ones whose backoff has
+        passed, and ones a dead process left ``sending`` past their lease."""
+        report = DeliveryReport()
+        self._prepare()
+        done = 0
+        while limit is None or done < limit:
+            claimed = self._claim(chunk if limit is None else min(chunk, limit - done))
+            if not claimed:
+                break
+            for decision, attempts, prior in claimed:
+                self._deliver_one(decision, attempts, prior, report)
+            done += len(claimed)
+        report.waiting.update(self._waiting())
+        return report
+
+    def retry(self, decision_id: str) -> DeliveryReport:
+        """Deliver one decision now, whatever its tries so far (an operator's retry of
+        a failed decision, or an early try of a pending one)."""
+        conn = self.store.db.conn
+        row = conn.execute("SELECT status, via FROM decisions WHERE id = ?",
+                           [decision_id]).fetchone()
+        if row is None:
+            raise RetentionError(f"no decision {decision_id!r} in the outbox")
+        status, via = row
+        if status not in ("failed", "pending"):
+            raise RetentionError(f"decision {decision_id} is {status}: only a failed or "
+                                 "pending decision can be retried")
+        if via is None:
+            raise RetentionError(f"decision {decision_id} has no sink: its action is "
+                                 "applied in the purchase")
+        if self.sink_name(via) is None:
+            raise RetentionError(f"decision {decision_id}: no sink named {via!r} is loaded "
+                                 "(see retention plugins, or --route)")
+        self._sink(self.sink_name(via))  # a missing setting stops here, nothing changed
+        with self.store._writing():
+            conn.execute("UPDATE decisions SET status = 'pending', attempts = 0,"
+                         " next_try = NULL WHERE id = ?", [decision_id])
+        report = DeliveryReport()
+        claimed = self._claim(1, only=decision_id)
+        for decision, attempts, prior in claimed:
+            self._deliver_one(decision, attempts, prior, report)
+        return report
+
+    def _claim(self, n: int, only: str | None = None
+               ) -> list[tuple[Decision, int, str]]:
+        """Up to ``n`` due decisions, marked ``sending`` in one transaction: each with
+        the number of this try and the status it had."""
+        now = self.clock()
+        vias = self._deliverable()
+        if not vias:
+            return []
+        marks = ",".join("?" * len(vias))
+        where = (f"via IN ({marks}) AND customer IS NOT NULL AND"
+                 " (status = 'pending' OR (status = 'failed' AND next_try <= ?)"
+                 " OR (status = 'sending' AND lease_until <= ?))")
+        args: list[Any] = [*vias, now, now]
+        if only is not None:
+            where += " AND id = ?"
+            args.append(only)
+        conn = self.store.db.conn
+        with self.store._writing():
+            rows = conn.execute(
+                "SELECT id, customer, rule, action, params, at, kind, via, trigger, status,"
+                f" reason, attempts FROM decisions WHERE {where} ORDER BY ts, id LIMIT ?",
+                [*args, n]).fetchall()
+            conn.executemany(
+                "UPDATE decisions SET status = 'sending', lease_until = ?,"
+                " attempts = attempts + 1 WHERE id = ?",
+                [(now + self.lease, row[0]) for row in rows])
+        return [(attrs.evolve(decision_of(row[:11]), status="sending"), row[11] + 1, row[9])
+                for row in rows]
+
+    def _deliver_one(self, decision: Decision, attempt: int, prior: str,
+                     report: DeliveryReport) -> None:
+        assert decision.via is not None
+        name = self.sink_name(decision.via)
+        delivery = Delivery(decision=decision,
+                            action=self.store.rules.actions.get(decision.action),
+                            identifiers=tuple(self.store.identifiers(decision.customer)),
+                            templates=self.templates, attempt=attempt)
+        try:
+            if name is None:
+                raise DeliveryError(f"no sink named {decision.via!r} is loaded")
+            self._sink(name).deliver(delivery)
+        except SettingError:
+            self._release(decision.id, prior)  # a configuration problem: nothing is spent
+            raise
+        except Exception as exc:  # a sink is plugin code: any failure is recorded
+            permanent = isinstance(exc, DeliveryError) and exc.permanent
+            message = str(exc) if isinstance(exc, RetentionError) else \
+                f"{type(exc).__name__}: {exc}"
+            message = " ".join(message.split())[:500] or type(exc).__name__
+            self._failed(decision.id, attempt, message, permanent, report)
+            return
+        conn = self.store.db.conn
+        with self.store._writing():
+            conn.execute("UPDATE decisions SET status = 'sent', reason = NULL,"
+                         " lease_until = NULL, next_try = NULL, sent_at = ? WHERE id = ?",
+                         [_iso_now(self.clock()), decision.id])
+        report.sent += 1
+
+    def _release(self, did: str, prior: str) -> None:
+        """Give a claimed decision back as it was (a dead sender's becomes pending)."""
+        with self.store._writing():
+            self.store.db.conn.execute(
+                "UPDATE decisions SET status = ?, attempts = attempts - 1,"
+                " lease_until = NULL WHERE id = ?",
+                ["pending" if prior == "sending" else prior, did])
+
+    def _failed(self, did: str, attempt: int, message: str, permanent: bool,
+                report: DeliveryReport) -> None:
+        final = permanent or attempt >= self.max_attempts
+        next_try = None if final else self.clock() + backoff(attempt, self.base_backoff)
+        conn = self.store.db.conn
+        with self.store._writing():
+            conn.execute("UPDATE decisions SET status = 'failed', reason = ?,"
+                         " lease_until = NULL, next_try = ? WHERE id = ?",
+                         [message, next_try, did])
+        report.failed += 1
+        if final:
+            report.gave_up += 1
+        if len(report.errors) < 100:
+            report.errors.append(f"{did}: {message}")
+
+    def _waiting(self) -> Counter[str]:
+        """Pending decisions no loaded sink delivers, by ``via``."""
+        vias = self._deliverable()
+        marks = ",".join("?" * len(vias)) or "NULL"
+        rows = self.store.db.conn.execute(
+            "SELECT via, count(*) FROM decisions WHERE status = 'pending' AND via IS NOT NULL"
+            f" AND via NOT IN ({marks}) GROUP BY via", vias)
+        return Counter(dict(rows.fetchall()))
+
+    def next_due(self) -> float | None:
+        """When the next failed decision is due for a retry (None: none is)."""
+        row = self.store.db.conn.execute(
+            "SELECT min(next_try) FROM decisions WHERE status = 'failed'").fetchone()
+        return row[0]
+
+
+def _iso_now(ts: float) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).isoformat()
+
+
+def decision_payload(decision: Decision) -> bytes:
+    """A decision as the JSON body sinks send."""
+    return json.dumps({"type": "retention.decision", "data": decision.to_dict()},
+                      separators=(",", ":"), ensure_ascii=False).encode()

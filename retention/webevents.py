@@ -1,0 +1,99 @@
+"""Events in HTTP bodies: canonical events (one JSON object or an array) and
+CloudEvents 1.0 in the structured, batched and binary modes of its HTTP binding.
+
+A CloudEvent becomes a canonical event: its ``data`` (an object) gives the
+properties; ``id`` and ``source`` the identity (the pair CloudEvents makes unique,
+as the event log does); ``type`` the event type; ``time`` the ``at``; ``subject``
+the customer, unless ``data`` names one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import RetentionError
+
+STRUCTURED = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+#: the CloudEvents attributes that map to the canonical event's fields
+_ATTRIBUTES = ("id", "source", "type", "time", "subject", "specversion", "datacontenttype",
+               "dataschema")
+
+
+class BodyError(RetentionError):
+    """A body that is not JSON, or not events: answered 400, kept as a dead letter."""
+
+
+def media_type(headers: Mapping[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def loads(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError:
+        raise BodyError("the body is not UTF-8 text") from None
+    except ValueError as exc:
+        raise BodyError(f"invalid JSON: {exc}") from None
+
+
+def events_of(body: bytes, headers: Mapping[str, str]) -> list[Any]:
+    """The raw events of a body (each to be validated by the ingest path).
+
+    ``headers`` have lower-case names. Raises BodyError when the body is not JSON
+    or holds something other than events.
+    """
+    kind = media_type(headers)
+    if "ce-specversion" in headers:
+        return [_binary(body, headers)]
+    value = loads(body)
+    if kind == STRUCTURED:
+        if not isinstance(value, dict):
+            raise BodyError("a structured CloudEvent must be a JSON object")
+        return [from_cloudevent(value)]
+    if kind == BATCH:
+        if not isinstance(value, list):
+            raise BodyError("a CloudEvents batch must be a JSON array")
+        return [from_cloudevent(v) if isinstance(v, dict) else v for v in value]
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise BodyError("the body must be an event (a JSON object) or an array of events")
+
+
+def from_cloudevent(ce: Mapping[str, Any]) -> dict[str, Any]:
+    """A canonical event from a structured CloudEvent (a JSON object)."""
+    data = ce.get("data")
+    if data is None and "data_base64" in ce:
+        raise BodyError("a CloudEvent with binary data (data_base64) carries no event "
+                        "properties: send JSON data")
+    return _canonical({k: ce[k] for k in _ATTRIBUTES if k in ce}, data)
+
+
+def _binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
+    attributes = {name[3:]: value for name, value in headers.items()
+                  if name.startswith("ce-")}
+    kind = media_type(headers)
+    data: Any = None
+    if body:
+        if kind and not (kind == "application/json" or kind.endswith("+json")):
+            raise BodyError(f"binary CloudEvent data must be JSON, got {kind}")
+        data = loads(body)
+    return _canonical(attributes, data)
+
+
+def _canonical(attributes: Mapping[str, Any], data: Any) -> dict[str, Any]:
+    if data is not None and not isinstance(data, dict):
+        raise BodyError("CloudEvent data must be a JSON object of event properties")
+    event: dict[str, Any] = dict(data or {})
+    for key in ("id", "type", "source"):
+        if key in attributes:
+            event[key] = attributes[key]
+    if "time" in attributes and "at" not in event:
+        event["at"] = attributes["time"]
+    if "subject" in attributes and "customer" not in event:
+        event["customer"] = attributes["subject"]
+    return event
