@@ -500,23 +500,8 @@ def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -
     """A customer's capital, level, last contact and explained ledger."""
     moment = _moment_option(at, "--at") or _wall_clock()
     with _open(db_path) as engine:
-        canonical = engine.resolve(customer_id)
-        state = engine.snapshot(canonical)
-        if state is None:
-            raise RetentionError(f"unknown customer {customer_id!r}")
-        capital = engine.capital(canonical, moment)
-        ledger = [e for e in engine.explain(canonical) if e.at <= parse_instant(moment)]
-        info = {
-            "customer": canonical,
-            "aliases": engine.identifiers(canonical)[1:],
-            "at": moment,
-            "capital": capital,
-            "level": engine.level(canonical),
-            "last_contact": from_seconds(state.state.last_contact).isoformat()
-            if state.state is not None else None,
-            "consent": state.consent,
-            "ledger": [e.to_dict() for e in ledger],
-        }
+        info = engine.profile(customer_id, moment)
+    canonical, capital = info["customer"], info["capital"]
     if fmt in ("json", "nl"):
         click.echo(json.dumps(info, indent=2 if fmt == "json" else None, default=str))
         return
@@ -554,7 +539,7 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
 
 @cli.command()
 @_db_option
-@click.option("--status", help="pending, suppressed or held_out.")
+@click.option("--status", help="pending, sending, sent, failed, suppressed or held_out.")
 @click.option("--since", help="Decided at or after T.")
 @click.option("--customer", "customer_id", help="Of one customer.")
 @format_options
@@ -764,6 +749,161 @@ def _story(engine: Any, report: Any, end: Any, ticked: int, db_path: Path) -> No
     click.echo(f"held out (control group): {held}")
     click.echo(f"\nexplore: retention customer --db {db_path} {risky[0]['customer']}"
                if risky else "")
+
+
+@cli.command("plugins")
+@format_options
+def plugins_command(fmt: str | None) -> None:
+    """The plugins loaded (built-in and installed), what they provide, and those that
+    failed to load."""
+    from . import plugins
+
+    rows = plugins.listing()
+    click.echo(render(rows, fmt, columns=("name", "origin", "status", "provides")
+                      if fmt is None else None), nl=False)
+
+
+def _templates(rules_path: Path) -> Path:
+    """The message templates: ``templates/`` in the rules folder (or beside a file)."""
+    return (rules_path if rules_path.is_dir() else rules_path.parent) / "templates"
+
+
+def _pairs(values: Iterable[str], option: str) -> dict[str, str]:
+    pairs = {}
+    for value in values:
+        key, sep, target = value.partition("=")
+        if not sep or not key.strip() or not target.strip():
+            raise click.BadParameter(f"{value!r}: write NAME=SINK", param_hint=option)
+        pairs[key.strip()] = target.strip()
+    return pairs
+
+
+def _deliverer(engine: Any, rules_path: Path, settings: tuple[str, ...],
+               routes: tuple[str, ...], max_attempts: int, backoff: float) -> Any:
+    from . import plugins
+    from .delivery import Deliverer, Settings, parse_settings
+
+    return Deliverer(engine, plugins.sinks(), settings=Settings(parse_settings(settings)),
+                     routes=_pairs(routes, "--route"), templates=_templates(rules_path),
+                     max_attempts=max_attempts, base_backoff=backoff)
+
+
+def delivery_options(command: Any) -> Any:
+    """The options of the delivery loop, shared by ``deliver`` and ``serve``."""
+    for option in reversed((
+            click.option("--set", "settings", multiple=True, metavar="SINK.KEY=VALUE",
+                         help="A sink setting (else RETENTION_SINK_KEY), like "
+                              "email.host=localhost."),
+            click.option("--route", "routes", multiple=True, metavar="VIA=SINK",
+                         help="Deliver the decisions of one 'via' through another sink, "
+                              "like crm_task=webhook."),
+            click.option("--max-attempts", type=click.IntRange(1), default=8,
+                         show_default=True, help="Tries before a decision stays failed."),
+            click.option("--backoff", type=click.FloatRange(0), default=30.0,
+                         show_default=True,
+                         help="Seconds before the first retry; doubled at each one.")),):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@_db_option
+@_rules_option
+@delivery_options
+@click.option("--retry", "retry_ids", multiple=True, metavar="ID",
+              help="Deliver this decision now (a failed one after a fix); repeatable.")
+@click.option("--limit", type=click.IntRange(1), help="Deliver at most N decisions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
+            routes: tuple[str, ...], max_attempts: int, backoff: float,
+            retry_ids: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+    """Hand pending decisions to the sinks their actions name (via), at least once,
+    the decision id as idempotency key; retry failed ones after their backoff.
+
+    Exit 0 when nothing failed, 2 when some decisions failed (see
+    `retention decisions --status failed`)."""
+    from .delivery import DeliveryReport
+
+    with _open(db_path) as engine:
+        deliverer = _deliverer(engine, rules_path, settings, routes, max_attempts, backoff)
+        try:
+            if retry_ids:
+                report = DeliveryReport()
+                for did in retry_ids:
+                    one = deliverer.retry(did)
+                    report.sent += one.sent
+                    report.failed += one.failed
+                    report.gave_up += one.gave_up
+                    report.errors.extend(one.errors)
+            else:
+                report = deliverer.run(limit=limit)
+        finally:
+            deliverer.close()
+    summary = {"sent": report.sent, "failed": report.failed, "gave_up": report.gave_up,
+               "waiting_for_a_sink": dict(report.waiting), "errors": report.errors}
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        for error in report.errors[:20]:
+            click.echo(f"failed: {error}", err=True)
+        line = f"sent {report.sent}, failed {report.failed}"
+        if report.gave_up:
+            line += f" ({report.gave_up} left for an operator: --retry ID)"
+        click.echo(line)
+        for via, n in sorted(report.waiting.items()):
+            click.echo(f"waiting: {_count(n, 'decisions')} for sink {via!r}, which no plugin "
+                       f"provides (retention plugins; or --route {via}=SINK)")
+    if report.failed:
+        sys.exit(2)
+
+
+@cli.command()
+@_db_option
+@_rules_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--token", envvar="RETENTION_TOKEN",
+              help="Bearer token every endpoint but /health requires (RETENTION_TOKEN).")
+@click.option("--secret", envvar="RETENTION_STANDARD_SECRET",
+              help="Standard Webhooks secret that signs POST /events "
+                   "(RETENTION_STANDARD_SECRET); unsigned events are refused when set.")
+@click.option("--max-body", type=click.IntRange(1), default=1 << 20, show_default=True,
+              help="Largest body accepted, in bytes (413 above).")
+@click.option("--deliver-every", type=click.FloatRange(0), default=5.0, show_default=True,
+              help="Seconds between delivery runs (0: no delivery in this process).")
+@delivery_options
+def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | None,
+          secret: str | None, max_body: int, deliver_every: float,
+          settings: tuple[str, ...], routes: tuple[str, ...], max_attempts: int,
+          backoff: float) -> None:
+    """Serve the webhook API (POST /events, POST /hooks/{source}, GET /customers/{id},
+    GET /health) and deliver decisions in the background."""
+    import uvicorn
+
+    from .delivery import Settings, parse_settings
+    from .server import ServerConfig, create_app
+
+    values = parse_settings(settings)
+    if secret:
+        values.setdefault("standard.secret", secret)
+    _open(db_path, rules_path, create=True).close()  # created, migrated, rules checked
+    config = ServerConfig(db=db_path, token=token, settings=Settings(values),
+                          max_body=max_body, deliver_every=deliver_every,
+                          routes=_pairs(routes, "--route"), templates=_templates(rules_path),
+                          max_attempts=max_attempts, backoff=backoff)
+    if not secret:
+        click.echo("warning: no --secret: POST /events accepts unsigned events", err=True)
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning",
+                access_log=False)
+
+
+def _add_plugin_commands() -> None:
+    from . import plugins
+
+    plugins.add_commands(cli)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:  # pragma: no cover - the console script

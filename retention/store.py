@@ -56,7 +56,7 @@ from .models import (
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
 from .snapshot import decode, encode
-from .times import from_seconds
+from .times import from_seconds, parse_instant
 
 #: statuses the engine may still change: nothing has left the outbox yet
 UNDELIVERED = ("pending", "suppressed", "held_out")
@@ -72,6 +72,10 @@ _CHUNK = 500
 
 class StoreError(RetentionError):
     """The database cannot be used as asked (not SQLite, too new, read-only...)."""
+
+
+class UnknownCustomer(StoreError):
+    """A customer the database holds nothing about."""
 
 
 @attrs.define
@@ -539,6 +543,16 @@ class StoredEngine(Engine):
                 progress(len(batch))
         return report
 
+    def ingest_batch(self, items: list[Incoming | Mapping[str, Any]], *, source: str = ""
+                     ) -> tuple[IngestReport, list[tuple[str, Any]]]:
+        """Ingest ``items`` in one transaction, whatever ``batch_size`` says, and say
+        what became of each, in order: ``("new", outcome)``, ``("duplicate", outcome)``,
+        ``("identified", None)`` or ``("dead_lettered", reason)``."""
+        batch = [item if isinstance(item, Incoming) else Incoming(raw=item) for item in items]
+        results: dict[int, Any] = {}
+        report = self._ingest_batch(batch, source, results=results)
+        return report, [results.get(id(item), ("dead_lettered", "not used")) for item in batch]
+
     def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
         """Process and store one event (a batch of one). A bad event raises
         EventError and is kept in the dead-letter table."""
@@ -849,6 +863,27 @@ class StoredEngine(Engine):
             return super().capital(canonical, at)
         finally:
             self._forget_loaded()
+
+    def profile(self, customer: str, at: str | datetime) -> dict[str, Any]:
+        """What is held about a customer at ``at``, for people: capital, level, last
+        contact, consent and the explained ledger up to ``at``. Raises StoreError for
+        a customer the database does not know."""
+        canonical = self.resolve(customer)
+        state = self.snapshot(canonical)
+        if state is None:
+            raise UnknownCustomer(f"unknown customer {customer!r}")
+        moment = at if isinstance(at, datetime) else parse_instant(at)
+        return {
+            "customer": canonical,
+            "aliases": self.identifiers(canonical)[1:],
+            "at": moment.isoformat(),
+            "capital": self.capital(canonical, moment),
+            "level": self.level(canonical),
+            "last_contact": from_seconds(state.state.last_contact).isoformat()
+            if state.state is not None else None,
+            "consent": state.consent,
+            "ledger": [e.to_dict() for e in self.explain(canonical) if e.at <= moment],
+        }
 
     def level(self, customer: str) -> str | None:
         row = self.db.execute("SELECT level FROM customers WHERE id = ?",
@@ -1238,4 +1273,5 @@ def decision_of(row: tuple[Any, ...]) -> Decision:
                     status=status, reason=reason)
 
 
-__all__ = ["BATCH", "UNDELIVERED", "Incoming", "IngestReport", "StoreError", "StoredEngine"]
+__all__ = ["BATCH", "UNDELIVERED", "Incoming", "IngestReport", "StoreError", "StoredEngine",
+           "UnknownCustomer"]

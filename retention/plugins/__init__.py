@@ -28,7 +28,7 @@ DEFAULT_PLUGINS = (
     "retention.plugins.log",
     "retention.plugins.email",
     "retention.plugins.webhook",
-    "retention.plugins.sources",
+    "retention.plugins.standard",
 )
 
 GROUP = "retention"

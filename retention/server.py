@@ -1,0 +1,393 @@
+"""The webhook server: an ASGI app (Starlette) over a stored engine.
+
+``create_app(config)`` returns the app; ``retention serve`` runs it under uvicorn, and
+a host can mount it in its own ASGI app (it starts itself on the first request when
+its lifespan is not run). Endpoints:
+
+- ``POST /events``: canonical events (a JSON object or array) or CloudEvents
+  (structured, batched or binary mode), signed the Standard Webhooks way when a
+  secret is configured;
+- ``POST /hooks/{source}``: the raw body goes to the event-source plugin ``source``,
+  which checks its signature and turns it into events;
+- ``GET /customers/{id}``: capital, level and the explained ledger;
+- ``GET /health``: for load balancers, never behind the token.
+
+Every write goes through one thread that owns the database connection. Requests
+that arrive while a transaction runs are committed together in the next one (group
+commit): each request still gets its own counts, and a failed transaction fails
+every request in it, with nothing stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import attrs
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from . import plugins, signing, webevents
+from .delivery import Deliverer, SettingError, Settings
+from .errors import RetentionError
+from .store import Incoming, StoredEngine, UnknownCustomer
+
+logger = logging.getLogger("retention.server")
+
+
+@attrs.frozen(kw_only=True)
+class ServerConfig:
+    """What the server needs: the database and its options (see ``retention serve``)."""
+
+    db: Path
+    #: bearer token required by every endpoint but /health (None: no token)
+    token: str | None = None
+    #: sink and source settings; ``standard.secret`` signs POST /events
+    settings: Settings = attrs.field(factory=Settings)
+    max_body: int = 1 << 20
+    #: seconds between delivery runs; 0 delivers nothing in this process
+    deliver_every: float = 5.0
+    routes: Mapping[str, str] = attrs.field(factory=dict)
+    templates: Path | None = None
+    max_attempts: int = 8
+    backoff: float = 30.0
+    #: most events committed in one transaction
+    max_group: int = 2000
+    clock: Callable[[], float] = time.time
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@attrs.define
+class _Pending:
+    items: list[Incoming]
+    source: str
+    future: asyncio.Future[Any]
+
+
+class RetentionService:
+    """The server's state: the writer thread, the delivery loop and the app."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.app = Starlette(routes=[
+            Route("/events", self.post_events, methods=["POST"]),
+            Route("/hooks/{source}", self.post_hook, methods=["POST"]),
+            Route("/customers/{customer}", self.get_customer, methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ], lifespan=self._lifespan)
+        self.app.state.retention = self
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="retention-db")
+        self._sender = ThreadPoolExecutor(1, thread_name_prefix="retention-deliver")
+        self._store: StoredEngine | None = None
+        self._deliverer: Deliverer | None = None
+        self._queue: asyncio.Queue[_Pending] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._wake: asyncio.Event | None = None
+        self._sources: dict[str, Any] = {}
+        self.secret = config.settings.get("standard", "secret")
+        if self.secret:
+            signing.key_of(self.secret)
+
+    # -- life --------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Any) -> Any:
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            loop = asyncio.get_running_loop()
+            self._store = await loop.run_in_executor(
+                self._writer, lambda: StoredEngine(self.config.db, None))
+            self._queue = asyncio.Queue()
+            self._wake = asyncio.Event()
+            self._tasks.append(asyncio.create_task(self._write_loop()))
+            if self.config.deliver_every > 0:
+                self._tasks.append(asyncio.create_task(self._deliver_loop()))
+            self._started = True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        loop = asyncio.get_running_loop()
+        if self._deliverer is not None:
+            deliverer, self._deliverer = self._deliverer, None
+            await loop.run_in_executor(self._sender, _close_deliverer, deliverer)
+        if self._store is not None:
+            store, self._store = self._store, None
+            await loop.run_in_executor(self._writer, store.close)
+        self._started = False
+
+    # -- the writer: one thread, one connection, group commits -------------------------
+
+    async def _write_loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            group = [await self._queue.get()]
+            size = len(group[0].items)
+            while size < self.config.max_group and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                group.append(nxt)
+                size += len(nxt.items)
+            try:
+                results = await loop.run_in_executor(self._writer, self._commit, group)
+            except Exception as exc:
+                for pending in group:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                continue
+            decided = False
+            for pending, result in zip(group, results, strict=True):
+                if not pending.future.done():
+                    pending.future.set_result(result)
+                decided = decided or any(
+                    status == "new" and detail.decisions for status, detail in result)
+            if decided and self._wake is not None:
+                self._wake.set()
+
+    def _commit(self, group: list[_Pending]) -> list[list[tuple[str, Any]]]:
+        """In the writer thread: the group's items in one transaction."""
+        assert self._store is not None
+        items: list[Incoming] = []
+        for pending in group:
+            if pending.source:
+                items.extend(_with_source(item, pending.source) for item in pending.items)
+            else:
+                items.extend(pending.items)
+        _, results = self._store.ingest_batch(items)
+        out, start = [], 0
+        for pending in group:
+            out.append(results[start:start + len(pending.items)])
+            start += len(pending.items)
+        return out
+
+    async def _submit(self, items: list[Incoming], source: str = "") -> list[tuple[str, Any]]:
+        await self.start()
+        assert self._queue is not None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(items=items, source=source, future=future))
+        return await future
+
+    async def _read(self, function: Callable[[StoredEngine], Any]) -> Any:
+        await self.start()
+        store = self._store
+        assert store is not None
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer, function, store)
+
+    # -- delivery ----------------------------------------------------------------------
+
+    async def _deliver_loop(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        warned = ""
+        while True:
+            try:
+                report = await loop.run_in_executor(self._sender, self._deliver_once)
+                if report.errors:
+                    logger.warning("delivery: %d failed; first: %s", report.failed,
+                                   report.errors[0])
+                warned = ""
+            except (SettingError, RetentionError) as exc:
+                if str(exc) != warned:  # said once, not at every run
+                    logger.error("delivery stopped: %s", exc)
+                    warned = str(exc)
+            except Exception:
+                logger.exception("delivery run failed")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.config.deliver_every)
+
+    def _deliver_once(self) -> Any:
+        """In the delivery thread, with its own connection: one delivery run."""
+        if self._deliverer is None:
+            c = self.config
+            self._deliverer = Deliverer(
+                StoredEngine(c.db, None), plugins.sinks(), settings=c.settings,
+                routes=c.routes, templates=c.templates, max_attempts=c.max_attempts,
+                base_backoff=c.backoff, clock=c.clock)
+        return self._deliverer.run()
+
+    # -- HTTP --------------------------------------------------------------------------
+
+    def _refused(self, request: Request) -> JSONResponse | None:
+        token = self.config.token
+        if not token:
+            return None
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(),
+                                                              token.encode()):
+            return None
+        return JSONResponse({"error": "a bearer token is required"}, status_code=401,
+                            headers={"www-authenticate": "Bearer"})
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.max_body
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise _TooLarge
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _TooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _receive(self, request: Request, origin: str, source: str,
+                       verify: Callable[[bytes, Mapping[str, str]], None] | None,
+                       parse: Callable[[bytes, Mapping[str, str]], list[Any]]
+                       ) -> JSONResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        try:
+            body = await self._body(request)
+        except _TooLarge:
+            return JSONResponse({"error": f"the body is over {self.config.max_body} bytes"},
+                                status_code=413)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        if verify is not None:
+            try:
+                verify(body, headers)  # on the raw bytes, before any parsing
+            except signing.SignatureError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=401)
+        try:
+            raws = parse(body, headers)
+            if not isinstance(raws, list):
+                raise webevents.BodyError(f"the source gave {type(raws).__name__}, "
+                                          "not a list of events")
+        except Exception as exc:  # the body is kept as a dead letter with the reason
+            reason = str(exc) if isinstance(exc, RetentionError) else \
+                f"{type(exc).__name__}: {exc}"
+            text = body.decode("utf-8", errors="replace")
+            await self._submit([Incoming(raw=webevents.BodyError(reason), origin=origin,
+                                         text=text, retriable=False)], source)
+            return JSONResponse({"error": reason, "dead_lettered": 1}, status_code=400)
+        items = [Incoming(raw=raw, origin=origin, line=n if len(raws) > 1 else None)
+                 for n, raw in enumerate(raws, 1)]
+        try:
+            results = await self._submit(items, source)
+        except RetentionError as exc:
+            return JSONResponse({"error": f"not stored: {exc}"}, status_code=503)
+        return _answer(results)
+
+    async def post_events(self, request: Request) -> JSONResponse:
+        verify = None
+        if self.secret:
+            secret = self.secret
+
+            def verify(body: bytes, headers: Mapping[str, str]) -> None:
+                signing.verify(secret, body, headers, now=self.config.clock())
+
+        return await self._receive(request, "POST /events", "", verify, webevents.events_of)
+
+    async def post_hook(self, request: Request) -> JSONResponse:
+        name = request.path_params["source"]
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        source = self._sources.get(name)
+        if source is None:
+            factory = plugins.sources().get(name)
+            if factory is None:
+                return JSONResponse({"error": f"no event source named {name!r}"},
+                                    status_code=404)
+            try:
+                source = self._sources[name] = factory(self.config.settings)
+            except SettingError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=503)
+        return await self._receive(request, f"POST /hooks/{name}", name, source.verify,
+                                   source.parse)
+
+    async def get_customer(self, request: Request) -> JSONResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        customer = request.path_params["customer"]
+        at = request.query_params.get("at") or datetime.fromtimestamp(
+            self.config.clock(), UTC).isoformat(timespec="seconds")
+        try:
+            info = await self._read(lambda store: store.profile(customer, at))
+        except UnknownCustomer as exc:
+            return JSONResponse({"error": str(exc)}, status_code=404)
+        except RetentionError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        return JSONResponse(info)
+
+    async def health(self, request: Request) -> JSONResponse:
+        try:
+            await self._read(lambda store: store.db.execute("SELECT 1").fetchone())
+        except Exception as exc:
+            return JSONResponse({"status": "unavailable", "error": str(exc)},
+                                status_code=503)
+        return JSONResponse({"status": "ok"})
+
+
+def _with_source(item: Incoming, source: str) -> Incoming:
+    raw = item.raw
+    if isinstance(raw, Mapping) and not raw.get("source"):
+        return attrs.evolve(item, raw={**raw, "source": source})
+    return item
+
+
+def _answer(results: list[tuple[str, Any]]) -> JSONResponse:
+    """Counts, the decisions the new events made (recognition rewards for the cart
+    among them) and the reasons of what was dead-lettered: 200 when every event was
+    used, 422 when some were dead-lettered (the others are stored)."""
+    counts = {"new": 0, "duplicates": 0, "identified": 0, "dead_lettered": 0}
+    decisions, errors = [], []
+    for status, detail in results:
+        if status == "new":
+            counts["new"] += 1
+            decisions.extend(d.to_dict() for d in detail.decisions)
+        elif status == "duplicate":
+            counts["duplicates"] += 1
+        elif status == "identified":
+            counts["identified"] += 1
+        else:
+            counts["dead_lettered"] += 1
+            errors.append(detail)
+    body: dict[str, Any] = {**counts, "decisions": decisions}
+    if errors:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=422 if errors else 200)
+
+
+def _close_deliverer(deliverer: Deliverer) -> None:
+    deliverer.close()
+    deliverer.store.close()
+
+
+def create_app(config: ServerConfig) -> Starlette:
+    """The ASGI app of ``config``; ``app.state.retention`` is its RetentionService."""
+    return RetentionService(config).app
