@@ -663,7 +663,7 @@ class Engine:
         for rec in rewards:
             if rec.every is not None:
                 assert rec.condition is not None
-                if not rec.condition.function(ev, ev.props, view):
+                if not rec.test(ev, ev.props, view):
                     continue
                 if c.counts is None:
                     c.counts = {}
@@ -674,7 +674,7 @@ class Engine:
                 continue
             if ev.type != PURCHASE or (c.rewarded is not None and rec.name in c.rewarded):
                 continue
-            if rec.condition is not None and not rec.condition.function(ev, ev.props, view):
+            if rec.test is not None and not rec.test(ev, ev.props, view):
                 continue
             if c.windows is None:
                 c.windows = {}

@@ -89,7 +89,7 @@ class Rule:
 
     @test.default
     def _test(self) -> Any:
-        return self.condition.function
+        return callable_of(self.condition)
 
     @reason.default
     def _reason(self) -> str:
@@ -117,6 +117,18 @@ class Recognition:
     purchases: int | None = None
     spent: float | None = None
     within: float | None = None
+    #: the compiled condition itself (None: every event of the type)
+    test: Any = attrs.field(init=False, repr=False, eq=False)
+
+    @test.default
+    def _test(self) -> Any:
+        return None if self.condition is None else callable_of(self.condition)
+
+
+def callable_of(condition: Any) -> Any:
+    """What to call for a condition: the compiled function of the python matcher, the
+    condition itself for another matcher's."""
+    return getattr(condition, "function", condition)
 
 
 @attrs.frozen(kw_only=True)
