@@ -248,7 +248,7 @@ def _wall_clock() -> str:
 @click.option("--force", is_flag=True, help="Overwrite an existing rules/retail.yaml.")
 def init(directory: Path, force: bool) -> None:
     """Start a project in DIRECTORY: a rules folder with the commented retail rules
-    and an empty database (retention.db)."""
+    and their email templates, and an empty database (retention.db)."""
     from .store import StoredEngine
 
     rules_dir = directory / "rules"
@@ -261,8 +261,14 @@ def init(directory: Path, force: bool) -> None:
             target.write_text((BUNDLED / "retail.yaml").read_text(encoding="utf-8"),
                               encoding="utf-8")
             click.echo(f"wrote {target}")
+        for template in sorted((BUNDLED / "templates").glob("*.txt")):
+            written = rules_dir / "templates" / template.name
+            if not written.exists() or force:
+                written.parent.mkdir(exist_ok=True)
+                written.write_text(template.read_text(encoding="utf-8"), encoding="utf-8")
+                click.echo(f"wrote {written}")
     except OSError as exc:
-        raise RetentionError(f"cannot write {target}: {exc.strerror}") from None
+        raise RetentionError(f"cannot write in {rules_dir}: {exc.strerror}") from None
     db = directory / "retention.db"
     if db.exists() and _has_rules(db):  # an existing project keeps its rules version
         with _open(db, rules_dir) as engine:
