@@ -41,6 +41,7 @@ from . import plugins, signing, webevents
 from .delivery import Deliverer, SettingError, Settings
 from .errors import RetentionError
 from .store import Incoming, StoredEngine, UnknownCustomer
+from .times import TimeFormatError, parse_instant
 
 logger = logging.getLogger("retention.server")
 
@@ -85,7 +86,8 @@ class RetentionService:
         self.app = Starlette(routes=[
             Route("/events", self.post_events, methods=["POST"]),
             Route("/hooks/{source}", self.post_hook, methods=["POST"]),
-            Route("/customers/{customer}", self.get_customer, methods=["GET"]),
+            # a customer id may hold slashes (gid://shop/Customer/7)
+            Route("/customers/{customer:path}", self.get_customer, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ], lifespan=self._lifespan)
         self.app.state.retention = self
@@ -281,6 +283,10 @@ class RetentionService:
                 verify(body, headers)  # on the raw bytes, before any parsing
             except signing.SignatureError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=401)
+            except Exception as exc:  # a source plugin's bug: nothing is let through
+                logger.exception("%s: the signature check failed", origin)
+                return JSONResponse({"error": f"the signature check failed: "
+                                              f"{type(exc).__name__}"}, status_code=500)
         try:
             raws = parse(body, headers)
             if not isinstance(raws, list):
@@ -326,6 +332,10 @@ class RetentionService:
                 source = self._sources[name] = factory(self.config.settings)
             except SettingError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=503)
+            except Exception as exc:
+                logger.exception("event source %s cannot start", name)
+                return JSONResponse({"error": f"event source {name!r} cannot start: "
+                                              f"{type(exc).__name__}"}, status_code=503)
         return await self._receive(request, f"POST /hooks/{name}", name, source.verify,
                                    source.parse)
 
@@ -334,8 +344,12 @@ class RetentionService:
         if refused is not None:
             return refused
         customer = request.path_params["customer"]
-        at = request.query_params.get("at") or datetime.fromtimestamp(
-            self.config.clock(), UTC).isoformat(timespec="seconds")
+        given = request.query_params.get("at")
+        try:
+            at = parse_instant(given) if given else datetime.fromtimestamp(
+                self.config.clock(), UTC).replace(microsecond=0)
+        except TimeFormatError as exc:  # a ValueError, not a RetentionError
+            return JSONResponse({"error": f"at: {exc}"}, status_code=400)
         try:
             info = await self._read(lambda store: store.profile(customer, at))
         except UnknownCustomer as exc:

@@ -10,8 +10,10 @@ the customer, unless ``data`` names one.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from .errors import RetentionError
 
@@ -37,6 +39,8 @@ def loads(body: bytes) -> Any:
         raise BodyError("the body is not UTF-8 text") from None
     except ValueError as exc:
         raise BodyError(f"invalid JSON: {exc}") from None
+    except RecursionError:  # as models.parse_json_line says it
+        raise BodyError("invalid JSON: nested too deeply") from None
 
 
 def events_of(body: bytes, headers: Mapping[str, str]) -> list[Any]:
@@ -74,7 +78,7 @@ def from_cloudevent(ce: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
-    attributes = {name[3:]: value for name, value in headers.items()
+    attributes = {name[3:]: _header_value(name, value) for name, value in headers.items()
                   if name.startswith("ce-")}
     kind = media_type(headers)
     data: Any = None
@@ -83,6 +87,19 @@ def _binary(body: bytes, headers: Mapping[str, str]) -> dict[str, Any]:
             raise BodyError(f"binary CloudEvent data must be JSON, got {kind}")
         data = loads(body)
     return _canonical(attributes, data)
+
+
+def _header_value(name: str, value: str) -> str:
+    """A ``ce-`` header's attribute value: unquoted if double-quoted, then
+    percent-decoded once (the HTTP binding percent-encodes space, ``"``, ``%`` and
+    anything beyond printable ASCII); the decoded bytes must be UTF-8."""
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = re.sub(r"\\(.)", r"\1", value[1:-1])
+    try:
+        # header values arrive as latin-1 text: back to their bytes, then decoded
+        return unquote_to_bytes(value.encode("latin-1")).decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        raise BodyError(f"header {name}: not UTF-8 once percent-decoded") from None
 
 
 def _canonical(attributes: Mapping[str, Any], data: Any) -> dict[str, Any]:
