@@ -126,8 +126,8 @@ def db(tmp_path):
 def config_of(db: Path, settings: dict[str, str] | None = None, **options: Any
               ) -> ServerConfig:
     # the settings never come from this process's environment (RETENTION_STANDARD_SECRET)
-    return ServerConfig(db=db, deliver_every=0, settings=Settings(settings or {}, environ={}),
-                        **options)
+    options.setdefault("deliver_every", 0)
+    return ServerConfig(db=db, settings=Settings(settings or {}, environ={}), **options)
 
 
 @pytest.fixture
@@ -792,3 +792,26 @@ def test_retention_serve_runs_the_server_and_stops_cleanly(tmp_path, stop):
     assert "no --secret" in err  # it says unsigned events are accepted
     assert rows(db, "SELECT id, customer FROM events") == [("sv1", "sal")]
     assert not Path(f"{db}-wal").exists()  # its connections were closed
+
+
+# -- 12. the delivery loop inside the server ------------------------------------------------
+
+def test_the_server_delivers_the_decisions_its_events_made(start, db, tmp_path):
+    log = tmp_path / "deliveries.jsonl"
+    server = start({"log.path": str(log)}, deliver_every=30.0,
+                   routes={"crm_tag": "log", "crm_task": "log"})
+    # retail.yaml: ten purchases within a year grant the loyalty card (via crm_tag)
+    answer = server.post("/events", [purchase(f"p{n}", day=n) for n in range(1, 11)])
+    assert answer.status == 200, answer.body
+    [card] = [d for d in answer.body["decisions"] if d["action"] == "grant_card"]
+    # new decisions wake the loop at once: no waiting for the 30 s period
+    deadline = time.monotonic() + 10
+    while not (log.exists() and card["id"] in log.read_text()):
+        assert time.monotonic() < deadline, "the decision was not delivered within 10 s"
+        time.sleep(0.02)
+    delivered = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [d["data"]["id"] for d in delivered] == [card["id"]]
+    deadline = time.monotonic() + 10
+    while rows(db, "SELECT status FROM decisions WHERE id = ?", card["id"]) != [("sent",)]:
+        assert time.monotonic() < deadline, "the decision was not marked sent"
+        time.sleep(0.02)
