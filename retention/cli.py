@@ -826,8 +826,9 @@ def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
     """Hand pending decisions to the sinks their actions name (via), at least once,
     the decision id as idempotency key; retry failed ones after their backoff.
 
-    Exit 0 when nothing failed, 2 when some decisions failed (see
-    `retention decisions --status failed`)."""
+    Exit 0 when nothing failed, 2 when some deliveries failed (see
+    `retention decisions --status failed`), 1 when a sink cannot work (a setting
+    missing or refused: its decisions wait, the other sinks deliver)."""
     from .delivery import DeliveryReport
 
     with _open(db_path) as engine:
@@ -846,19 +847,30 @@ def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
         finally:
             deliverer.close()
     summary = {"sent": report.sent, "failed": report.failed, "gave_up": report.gave_up,
-               "waiting_for_a_sink": dict(report.waiting), "errors": report.errors}
+               "waiting_for_a_sink": dict(report.waiting),
+               "unavailable": report.unavailable, "paused": report.paused,
+               "errors": report.errors}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
         for error in report.errors[:20]:
             click.echo(f"failed: {error}", err=True)
+        for reason in report.unavailable.values():
+            click.echo(f"error: {reason}", err=True)
         line = f"sent {report.sent}, failed {report.failed}"
         if report.gave_up:
             line += f" ({report.gave_up} left for an operator: --retry ID)"
         click.echo(line)
+        for reason in report.paused.values():
+            click.echo(f"paused: {reason}")
+        for name in sorted(report.unavailable):
+            click.echo(f"not delivered: sink {name!r} cannot work (see the error above); "
+                       "its decisions wait")
         for via, n in sorted(report.waiting.items()):
             click.echo(f"waiting: {_count(n, 'decisions')} for sink {via!r}, which no plugin "
                        f"provides (retention plugins; or --route {via}=SINK)")
+    if report.unavailable:
+        sys.exit(1)
     if report.failed:
         sys.exit(2)
 

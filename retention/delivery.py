@@ -12,6 +12,7 @@ on. A failed decision is tried again after an exponential backoff, up to
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import Counter
@@ -34,6 +35,8 @@ BACKOFF = 30.0
 MAX_BACKOFF = 3600.0
 #: seconds a claimed decision belongs to the process delivering it
 LEASE = 300.0
+#: failures in a row after which a run stops trying a sink (it is probably down)
+BREAKER = 5
 
 
 class DeliveryError(RetentionError):
@@ -147,6 +150,11 @@ class DeliveryReport:
     gave_up: int = 0
     #: pending decisions whose sink no loaded plugin provides: via -> count
     waiting: Counter[str] = attrs.Factory(Counter)
+    #: sinks that could not work in this run (a setting missing or refused): name ->
+    #: why; their decisions were not tried and wait as they were
+    unavailable: dict[str, str] = attrs.Factory(dict)
+    #: sinks set aside for the rest of the run after failures in a row: name -> why
+    paused: dict[str, str] = attrs.Factory(dict)
     errors: list[str] = attrs.Factory(list)
 
 
@@ -182,6 +190,10 @@ class Deliverer:
         self.lease = lease
         self.clock = clock
         self._sinks: dict[str, Any] = {}
+        #: per run: sinks not to try again (name -> why), failures in a row per sink
+        self._down: dict[str, str] = {}
+        self._strikes: Counter[str] = Counter()
+        self._run_start = -math.inf
 
     # -- which sinks -------------------------------------------------------------------
 
@@ -189,21 +201,26 @@ class Deliverer:
         name = self.routes.get(via, via)
         return name if name in self.factories else None
 
-    def _deliverable(self) -> list[str]:
-        """The ``via`` names a loaded sink (or a route) delivers."""
-        return sorted(set(self.factories) | set(self.routes))
+    def _deliverable(self, *, all_loaded: bool = False) -> list[str]:
+        """The ``via`` names a loaded sink (or a route) delivers in this run (or at all)."""
+        return sorted(via for via in set(self.factories) | set(self.routes)
+                      if (name := self.sink_name(via)) is not None
+                      and (all_loaded or name not in self._down))
 
-    def _prepare(self) -> None:
+    def _prepare(self, report: DeliveryReport) -> None:
         """Set up the sinks the due decisions need, before any is claimed: a sink
-        missing a setting stops the run with nothing claimed."""
+        missing a setting is left out of the run, and its decisions wait as they are."""
         now = self.clock()
         for (via,) in self.store.db.conn.execute(
                 "SELECT DISTINCT via FROM decisions WHERE via IS NOT NULL AND"
                 " customer IS NOT NULL AND (status = 'pending' OR (status = 'failed' AND"
                 " next_try <= ?) OR status = 'sending')", [now]).fetchall():
             name = self.sink_name(via)
-            if name is not None:
-                self._sink(name)
+            if name is not None and name not in self._down:
+                try:
+                    self._sink(name)
+                except SettingError as exc:
+                    self._down[name] = report.unavailable[name] = str(exc)
 
     def _sink(self, name: str) -> Any:
         sink = self._sinks.get(name)
@@ -224,14 +241,16 @@ class Deliverer:
         """Deliver what is due now: pending decisions, failed ones whose backoff has
         passed, and ones a dead process left ``sending`` past their lease."""
         report = DeliveryReport()
-        self._prepare()
+        self._run_start = self.clock()
+        self._down.clear()
+        self._strikes.clear()
+        self._prepare(report)
         done = 0
         while limit is None or done < limit:
             claimed = self._claim(chunk if limit is None else min(chunk, limit - done))
             if not claimed:
                 break
-            for decision, attempts, prior in claimed:
-                self._deliver_one(decision, attempts, prior, report)
+            self._deliver_all(claimed, report)
             done += len(claimed)
         report.waiting.update(self._waiting())
         return report
@@ -240,11 +259,14 @@ class Deliverer:
         """Deliver one decision now, whatever its tries so far (an operator's retry of
         a failed decision, or an early try of a pending one)."""
         conn = self.store.db.conn
-        row = conn.execute("SELECT status, via FROM decisions WHERE id = ?",
+        row = conn.execute("SELECT status, via, customer FROM decisions WHERE id = ?",
                            [decision_id]).fetchone()
         if row is None:
             raise RetentionError(f"no decision {decision_id!r} in the outbox")
-        status, via = row
+        status, via, customer = row
+        if customer is None:
+            raise RetentionError(f"decision {decision_id} belongs to a forgotten customer: "
+                                 "it cannot be delivered")
         if status not in ("failed", "pending"):
             raise RetentionError(f"decision {decision_id} is {status}: only a failed or "
                                  "pending decision can be retried")
@@ -259,10 +281,25 @@ class Deliverer:
             conn.execute("UPDATE decisions SET status = 'pending', attempts = 0,"
                          " next_try = NULL WHERE id = ?", [decision_id])
         report = DeliveryReport()
-        claimed = self._claim(1, only=decision_id)
-        for decision, attempts, prior in claimed:
-            self._deliver_one(decision, attempts, prior, report)
+        self._run_start = self.clock()
+        self._down.clear()
+        self._deliver_all(self._claim(1, only=decision_id), report)
+        if report.unavailable:
+            raise SettingError(next(iter(report.unavailable.values())))
         return report
+
+    def _deliver_all(self, claimed: list[tuple[Decision, int, str]],
+                     report: DeliveryReport) -> None:
+        """Deliver claimed decisions in order. When one stops the run (a setting the
+        sink lacks, Ctrl-C...), those not handed to the sink yet are given back at
+        once instead of waiting for their lease."""
+        for n, (decision, attempts, prior) in enumerate(claimed):
+            try:
+                self._deliver_one(decision, attempts, prior, report)
+            except BaseException:
+                for rest, _, rest_prior in claimed[n + 1:]:
+                    self._release(rest.id, rest_prior)
+                raise
 
     def _claim(self, n: int, only: str | None = None
                ) -> list[tuple[Decision, int, str]]:
@@ -297,6 +334,9 @@ class Deliverer:
                      report: DeliveryReport) -> None:
         assert decision.via is not None
         name = self.sink_name(decision.via)
+        if name is not None and name in self._down:  # set aside earlier in this run
+            self._release(decision.id, prior)
+            return
         delivery = Delivery(decision=decision,
                             action=self.store.rules.actions.get(decision.action),
                             identifiers=tuple(self.store.identifiers(decision.customer)),
@@ -305,16 +345,28 @@ class Deliverer:
             if name is None:
                 raise DeliveryError(f"no sink named {decision.via!r} is loaded")
             self._sink(name).deliver(delivery)
-        except SettingError:
-            self._release(decision.id, prior)  # a configuration problem: nothing is spent
-            raise
+        except SettingError as exc:
+            # a configuration problem (a login refused...): nothing is spent, and the
+            # sink is left out of the rest of the run
+            self._release(decision.id, prior)
+            assert name is not None
+            self._down[name] = report.unavailable[name] = str(exc)
+            return
         except Exception as exc:  # a sink is plugin code: any failure is recorded
             permanent = isinstance(exc, DeliveryError) and exc.permanent
             message = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             message = " ".join(message.split())[:500] or type(exc).__name__
             self._failed(decision.id, attempt, message, permanent, report)
+            if name is not None and not permanent:
+                self._strikes[name] += 1
+                if self._strikes[name] >= BREAKER:  # probably down: the rest wait
+                    self._down[name] = report.paused[name] = (
+                        f"{name}: {BREAKER} failures in a row; its other decisions wait "
+                        "for the next run")
             return
+        if name is not None:
+            self._strikes[name] = 0
         conn = self.store.db.conn
         with self.store._writing():
             conn.execute("UPDATE decisions SET status = 'sent', reason = NULL,"
@@ -334,6 +386,9 @@ class Deliverer:
                 report: DeliveryReport) -> None:
         final = permanent or attempt >= self.max_attempts
         next_try = None if final else self.clock() + backoff(attempt, self.base_backoff)
+        if next_try is not None and next_try <= self._run_start:
+            # (a zero backoff under a clock that stands still) a run tries a decision once
+            next_try = math.nextafter(self._run_start, math.inf)
         conn = self.store.db.conn
         with self.store._writing():
             conn.execute("UPDATE decisions SET status = 'failed', reason = ?,"
@@ -347,10 +402,11 @@ class Deliverer:
 
     def _waiting(self) -> Counter[str]:
         """Pending decisions no loaded sink delivers, by ``via``."""
-        vias = self._deliverable()
+        vias = self._deliverable(all_loaded=True)
         marks = ",".join("?" * len(vias)) or "NULL"
         rows = self.store.db.conn.execute(
             "SELECT via, count(*) FROM decisions WHERE status = 'pending' AND via IS NOT NULL"
+            " AND customer IS NOT NULL"
             f" AND via NOT IN ({marks}) GROUP BY via", vias)
         return Counter(dict(rows.fetchall()))
 
@@ -369,5 +425,7 @@ def _iso_now(ts: float) -> str:
 
 def decision_payload(decision: Decision) -> bytes:
     """A decision as the JSON body sinks send."""
-    return json.dumps({"type": "retention.decision", "data": decision.to_dict()},
+    data = decision.to_dict()
+    del data["status"], data["reason"]  # the outbox's bookkeeping, not the decision
+    return json.dumps({"type": "retention.decision", "data": data},
                       separators=(",", ":"), ensure_ascii=False).encode()

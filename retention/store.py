@@ -1065,8 +1065,12 @@ class StoredEngine(Engine):
             ids = [i for (i,) in execute("SELECT id FROM decisions WHERE customer = ?",
                                          [canonical])]
             for did in ids:  # the id is derived from the customer's: replaced too
+                # a delivery error can name the customer or their address; the engine's
+                # own reasons (consent, pressure, holdout) are anonymous and stay
                 execute("UPDATE decisions SET id = ?, customer = NULL, params = NULL,"
-                        " trigger = NULL WHERE id = ?",
+                        " trigger = NULL, reason = CASE WHEN status IN ('suppressed',"
+                        " 'held_out') THEN reason END, next_try = NULL, lease_until = NULL"
+                        " WHERE id = ?",
                         ["forgotten:" + hashlib.sha256(did.encode() + _salt()).hexdigest()[:32],
                          did])
             erased["decisions"] = len(ids)

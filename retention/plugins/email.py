@@ -10,7 +10,8 @@ the sink sends what it is given.
 
 A marketing email carries ``List-Unsubscribe`` and ``List-Unsubscribe-Post:
 List-Unsubscribe=One-Click`` as RFC 8058 defines them, from the
-``unsubscribe_url`` setting (an https URL, with ``${customer}`` and ``${decision}``).
+``unsubscribe_url`` setting (an https URL, with ``${customer}`` and ``${decision}``,
+percent-encoded). A value with a line break never reaches the header lines.
 Its ``Message-ID`` is made of the decision id, so a receiver can deduplicate.
 
 Settings (``--set email.KEY=...`` or ``RETENTION_EMAIL_KEY``): ``host`` and ``from``
@@ -24,6 +25,7 @@ from __future__ import annotations
 import smtplib
 import ssl
 import string
+import urllib.parse
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -86,14 +88,24 @@ class EmailSink:
             if not self.unsubscribe_url:
                 raise SettingError("email: marketing email needs RETENTION_EMAIL_UNSUBSCRIBE_URL"
                                    " (an https URL for one-click unsubscribe, RFC 8058)")
-            unsubscribe = _fill(self.unsubscribe_url, {"customer": d.customer,
-                                                       "decision": d.id}, "unsubscribe_url")
+            # percent-encoded: an id with '#', '&', '?' or a space still names its customer
+            unsubscribe = _fill(self.unsubscribe_url,
+                                {"customer": urllib.parse.quote(d.customer, safe=""),
+                                 "decision": urllib.parse.quote(d.id, safe="")},
+                                "unsubscribe_url")
         values = {str(k): _text(v) for k, v in params.items()}
         values.update(customer=d.customer, decision=d.id, action=d.action, rule=d.rule,
                       at=d.at.isoformat(), email=recipient, unsubscribe_url=unsubscribe or "")
-        head, _, body = _fill(text, values, f"template {path}").partition("\n\n")
+        # the header lines and the body are filled apart, and a value may not add a line
+        # to the headers: a customer id from an event must not write a Bcc: header
+        head_template, _, body_template = text.partition("\n\n")
+        head = _fill(head_template, values, f"template {path}")
+        body = _fill(body_template, values, f"template {path}")
+        if head.count("\n") != head_template.count("\n") or "\r" in head:
+            raise DeliveryError(f"template {path}: a value has a line break and would change "
+                                "the header lines", permanent=True)
         msg = EmailMessage()
-        for line in head.splitlines():
+        for line in head.split("\n"):
             key, sep, value = line.partition(":")
             if not sep or not key.strip() or key.strip().lower() in _RESERVED:
                 raise DeliveryError(f"template {path}: the header lines before the blank line "
@@ -125,8 +137,21 @@ class EmailSink:
         except ValueError as exc:  # a header value email refuses (a line break...)
             raise DeliveryError(f"cannot write the email: {exc}", permanent=True) from None
         try:
-            smtp = self._connection()
-            smtp.send_message(msg)
+            reused = self._smtp is not None
+            try:
+                self._connection().send_message(msg)
+            except smtplib.SMTPServerDisconnected:
+                if not reused:
+                    raise
+                # the server closed a connection kept from an earlier message (an idle
+                # timeout, a restart): one new connection before calling it a failure
+                self.close()
+                self._connection().send_message(msg)
+        except ssl.SSLCertVerificationError as exc:
+            self.close()
+            raise SettingError(f"email: the certificate of {self.host} is not trusted "
+                               f"({exc.verify_message}); set email.cafile to the CA that "
+                               "signed it") from None
         except smtplib.SMTPAuthenticationError as exc:
             self.close()
             raise SettingError(f"email: the SMTP server refused the login: {_reply(exc)}"
@@ -136,10 +161,15 @@ class EmailSink:
             raise SettingError(f"email: {exc}") from None
         except smtplib.SMTPRecipientsRefused as exc:
             codes = [code for code, _ in exc.recipients.values()]
+            if codes and all(c == _AUTH_REQUIRED for c in codes):
+                self.close()
+                raise _needs_tls_or_login(next(iter(exc.recipients.values()))) from None
             raise DeliveryError(f"recipient refused: {codes}",
                                 permanent=all(c >= 500 for c in codes)) from None
         except smtplib.SMTPResponseException as exc:
             self.close()
+            if exc.smtp_code == _AUTH_REQUIRED:  # every message would fail the same way
+                raise _needs_tls_or_login((exc.smtp_code, exc.smtp_error)) from None
             raise DeliveryError(f"SMTP server: {_reply(exc)}",
                                 permanent=exc.smtp_code >= 500) from None
         except (smtplib.SMTPException, OSError) as exc:
@@ -195,9 +225,23 @@ def _fill(text: str, values: dict[str, str], what: str) -> str:
 
 
 def _reply(exc: smtplib.SMTPResponseException) -> str:
-    text = exc.smtp_error.decode(errors="replace") if isinstance(exc.smtp_error, bytes) \
-        else str(exc.smtp_error)
-    return f"{exc.smtp_code} {text}"
+    return _reply_text(exc.smtp_code, exc.smtp_error)
+
+
+def _reply_text(code: int, text: bytes | str) -> str:
+    text = text.decode(errors="replace") if isinstance(text, bytes) else str(text)
+    return f"{code} {text}"
+
+
+#: the reply of a server that sends nothing before STARTTLS or a login (RFC 3207, 4954)
+_AUTH_REQUIRED = 530
+
+
+def _needs_tls_or_login(reply: tuple[int, bytes | str]) -> SettingError:
+    """A configuration problem, not the decision's: the run stops, nothing is spent."""
+    return SettingError(f"email: the SMTP server wants STARTTLS or a login first (set "
+                        f"email.starttls, email.username and email.password): "
+                        f"{_reply_text(*reply)}")
 
 
 @hookimpl
