@@ -14,6 +14,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -36,7 +37,7 @@ from retention.store import StoredEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 RETAIL = ROOT / "examples" / "rules" / "retail.yaml"
-RETENTION = ROOT / ".venv" / "bin" / "retention"
+RETENTION = Path(sys.executable).parent / "retention"
 SECRET = "a shared secret"
 
 
