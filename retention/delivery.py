@@ -140,6 +140,17 @@ class Delivery:
         return None
 
 
+@attrs.frozen
+class _Claim:
+    """A decision this process marked ``sending``: the number of this try, the status
+    it had, and the end of its lease (which also tells this claim from a later one)."""
+
+    decision: Decision
+    attempt: int
+    prior: str
+    lease_until: float
+
+
 @attrs.define
 class DeliveryReport:
     """What one delivery run did."""
@@ -237,7 +248,7 @@ class Deliverer:
 
     # -- the loop ----------------------------------------------------------------------
 
-    def run(self, *, limit: int | None = None, chunk: int = 100) -> DeliveryReport:
+    def run(self, *, limit: int | None = None, chunk: int = 10) -> DeliveryReport:
         """Deliver what is due now: pending decisions, failed ones whose backoff has
         passed, and ones a dead process left ``sending`` past their lease."""
         report = DeliveryReport()
@@ -278,8 +289,12 @@ class Deliverer:
                                  "(see retention plugins, or --route)")
         self._sink(self.sink_name(via))  # a missing setting stops here, nothing changed
         with self.store._writing():
-            conn.execute("UPDATE decisions SET status = 'pending', attempts = 0,"
-                         " next_try = NULL WHERE id = ?", [decision_id])
+            changed = conn.execute(
+                "UPDATE decisions SET status = 'pending', attempts = 0, next_try = NULL"
+                " WHERE id = ? AND status IN ('failed', 'pending')", [decision_id]).rowcount
+        if not changed:  # another process took it in the meantime
+            raise RetentionError(f"decision {decision_id} is being delivered by another "
+                                 "process: see retention decisions")
         report = DeliveryReport()
         self._run_start = self.clock()
         self._down.clear()
@@ -288,21 +303,24 @@ class Deliverer:
             raise SettingError(next(iter(report.unavailable.values())))
         return report
 
-    def _deliver_all(self, claimed: list[tuple[Decision, int, str]],
-                     report: DeliveryReport) -> None:
-        """Deliver claimed decisions in order. When one stops the run (a setting the
-        sink lacks, Ctrl-C...), those not handed to the sink yet are given back at
-        once instead of waiting for their lease."""
-        for n, (decision, attempts, prior) in enumerate(claimed):
+    def _deliver_all(self, claimed: list[_Claim], report: DeliveryReport) -> None:
+        """Deliver claimed decisions in order. Those not handed to a sink yet are given
+        back at once when one stops the run (Ctrl-C...), or when half their lease has
+        gone by (a slow sink): another process must not find them due while they
+        still wait here."""
+        for n, claim in enumerate(claimed):
             try:
-                self._deliver_one(decision, attempts, prior, report)
+                if self.clock() >= claim.lease_until - self.lease / 2:
+                    for rest in claimed[n:]:
+                        self._release(rest)
+                    return
+                self._deliver_one(claim, report)
             except BaseException:
-                for rest, _, rest_prior in claimed[n + 1:]:
-                    self._release(rest.id, rest_prior)
+                for rest in claimed[n + 1:]:
+                    self._release(rest)
                 raise
 
-    def _claim(self, n: int, only: str | None = None
-               ) -> list[tuple[Decision, int, str]]:
+    def _claim(self, n: int, only: str | None = None) -> list[_Claim]:
         """Up to ``n`` due decisions, marked ``sending`` in one transaction: each with
         the number of this try and the status it had."""
         now = self.clock()
@@ -327,15 +345,16 @@ class Deliverer:
                 "UPDATE decisions SET status = 'sending', lease_until = ?,"
                 " attempts = attempts + 1 WHERE id = ?",
                 [(now + self.lease, row[0]) for row in rows])
-        return [(attrs.evolve(decision_of(row[:11]), status="sending"), row[11] + 1, row[9])
+        return [_Claim(decision=attrs.evolve(decision_of(row[:11]), status="sending"),
+                       attempt=row[11] + 1, prior=row[9], lease_until=now + self.lease)
                 for row in rows]
 
-    def _deliver_one(self, decision: Decision, attempt: int, prior: str,
-                     report: DeliveryReport) -> None:
+    def _deliver_one(self, claim: _Claim, report: DeliveryReport) -> None:
+        decision, attempt = claim.decision, claim.attempt
         assert decision.via is not None
         name = self.sink_name(decision.via)
         if name is not None and name in self._down:  # set aside earlier in this run
-            self._release(decision.id, prior)
+            self._release(claim)
             return
         delivery = Delivery(decision=decision,
                             action=self.store.rules.actions.get(decision.action),
@@ -348,7 +367,7 @@ class Deliverer:
         except SettingError as exc:
             # a configuration problem (a login refused...): nothing is spent, and the
             # sink is left out of the rest of the run
-            self._release(decision.id, prior)
+            self._release(claim)
             assert name is not None
             self._down[name] = report.unavailable[name] = str(exc)
             return
@@ -357,7 +376,7 @@ class Deliverer:
             message = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             message = " ".join(message.split())[:500] or type(exc).__name__
-            self._failed(decision.id, attempt, message, permanent, report)
+            self._failed(claim, message, permanent, report)
             if name is not None and not permanent:
                 self._strikes[name] += 1
                 if self._strikes[name] >= BREAKER:  # probably down: the rest wait
@@ -367,33 +386,34 @@ class Deliverer:
             return
         if name is not None:
             self._strikes[name] = 0
-        conn = self.store.db.conn
-        with self.store._writing():
-            conn.execute("UPDATE decisions SET status = 'sent', reason = NULL,"
-                         " lease_until = NULL, next_try = NULL, sent_at = ? WHERE id = ?",
-                         [_iso_now(self.clock()), decision.id])
+        self._settle(claim, "status = 'sent', reason = NULL, next_try = NULL, sent_at = ?",
+                     [_iso_now(self.clock())])
         report.sent += 1
 
-    def _release(self, did: str, prior: str) -> None:
-        """Give a claimed decision back as it was (a dead sender's becomes pending)."""
+    def _settle(self, claim: _Claim, assignments: str, values: list[Any]) -> bool:
+        """Record the outcome of a claim, if it is still this process's: a claim whose
+        lease ran out may have been taken by another process, whose outcome stands."""
         with self.store._writing():
-            self.store.db.conn.execute(
-                "UPDATE decisions SET status = ?, attempts = attempts - 1,"
-                " lease_until = NULL WHERE id = ?",
-                ["pending" if prior == "sending" else prior, did])
+            cursor = self.store.db.conn.execute(
+                f"UPDATE decisions SET {assignments}, lease_until = NULL"
+                " WHERE id = ? AND status = 'sending' AND lease_until = ?",
+                [*values, claim.decision.id, claim.lease_until])
+        return cursor.rowcount == 1
 
-    def _failed(self, did: str, attempt: int, message: str, permanent: bool,
+    def _release(self, claim: _Claim) -> None:
+        """Give a claimed decision back as it was (a dead sender's becomes pending)."""
+        self._settle(claim, "status = ?, attempts = attempts - 1",
+                     ["pending" if claim.prior == "sending" else claim.prior])
+
+    def _failed(self, claim: _Claim, message: str, permanent: bool,
                 report: DeliveryReport) -> None:
+        did, attempt = claim.decision.id, claim.attempt
         final = permanent or attempt >= self.max_attempts
         next_try = None if final else self.clock() + backoff(attempt, self.base_backoff)
         if next_try is not None and next_try <= self._run_start:
             # (a zero backoff under a clock that stands still) a run tries a decision once
             next_try = math.nextafter(self._run_start, math.inf)
-        conn = self.store.db.conn
-        with self.store._writing():
-            conn.execute("UPDATE decisions SET status = 'failed', reason = ?,"
-                         " lease_until = NULL, next_try = ? WHERE id = ?",
-                         [message, next_try, did])
+        self._settle(claim, "status = 'failed', reason = ?, next_try = ?", [message, next_try])
         report.failed += 1
         if final:
             report.gave_up += 1
@@ -409,12 +429,6 @@ class Deliverer:
             " AND customer IS NOT NULL"
             f" AND via NOT IN ({marks}) GROUP BY via", vias)
         return Counter(dict(rows.fetchall()))
-
-    def next_due(self) -> float | None:
-        """When the next failed decision is due for a retry (None: none is)."""
-        row = self.store.db.conn.execute(
-            "SELECT min(next_try) FROM decisions WHERE status = 'failed'").fetchone()
-        return row[0]
 
 
 def _iso_now(ts: float) -> str:

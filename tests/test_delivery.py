@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from retention import Engine, plugins
 from retention.cli import cli
-from retention.delivery import BREAKER, LEASE, Deliverer, Settings
+from retention.delivery import BREAKER, LEASE, Deliverer, DeliveryReport, Settings
 from retention.plugins.email import EmailSink
 from retention.signing import SignatureError, verify
 
@@ -839,7 +839,7 @@ def test_claimed_decisions_of_a_vanished_deliverer_are_delivered_after_the_lease
     clock = Clock()
     with Engine.open(db) as engine:
         gone = deliverer(engine, rules, settings, clock, routes={"crm_task": "log"})
-        claimed = [decision.id for decision, _, _ in gone._claim(10)]
+        claimed = [claim.decision.id for claim in gone._claim(10)]
         del gone  # the process died holding them
         assert sorted(claimed) == sorted(outbox(db, "crm_task"))
         assert statuses(db, "crm_task") == {"sending": 3}
@@ -962,3 +962,21 @@ def test_a_run_tries_a_decision_once_even_without_backoff(shop, rules, receiver)
         finally:
             d.close()
     assert len(receiver.hits) == 2
+
+
+def test_a_claim_whose_lease_ran_out_does_not_overwrite_the_new_owner(shop, rules, tmp_path):
+    db = shop(customer_events(["c-1"], ("complaint", {})))
+    settings = [f"log.path={tmp_path / 'log.jsonl'}"]
+    routes = {"crm_task": "log", "crm_tag": "log"}
+    slow, fast = Clock(), Clock()
+    fast.advance(LEASE + 1)
+    with Engine.open(db) as first, Engine.open(db) as second:
+        a = deliverer(first, rules, settings, slow, routes=routes)
+        b = deliverer(second, rules, settings, fast, routes=routes)
+        claims = a._claim(10)
+        assert len(claims) == 2
+        assert b.run().sent == 2  # a's lease ran out: b takes and delivers them
+        a._failed(claims[0], "timed out, too late", False, DeliveryReport())
+        a._release(claims[1])
+    assert statuses(db) == {"sent": 2}
+    assert query(db, "SELECT count(*) FROM decisions WHERE reason IS NOT NULL") == [(0,)]
