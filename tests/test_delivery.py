@@ -980,3 +980,17 @@ def test_a_claim_whose_lease_ran_out_does_not_overwrite_the_new_owner(shop, rule
         a._release(claims[1])
     assert statuses(db) == {"sent": 2}
     assert query(db, "SELECT count(*) FROM decisions WHERE reason IS NOT NULL") == [(0,)]
+
+
+def test_an_address_list_in_an_identifier_adds_no_recipient(shop, rules, smtp):
+    sneaky = "bob@example.com,eve@evil.example"
+    db = shop([*customer_events([sneaky], REVIEW),
+               identify("dan", "email:dan@example.com, eve@evil.example"),
+               *customer_events(["dan"], REVIEW, start=5)])
+    result = invoke("deliver", "--db", db, "--rules", rules, *sets(email_settings(smtp)))
+    assert result.exit_code == 2, result.output
+    assert smtp.mailbox.received == []
+    reasons = [r for (r,) in query(db, "SELECT reason FROM decisions WHERE status = 'failed'"
+                                       " AND next_try IS NULL ORDER BY reason")]
+    assert reasons == ["'bob@example.com,eve@evil.example' is not one email address",
+                       "'dan@example.com, eve@evil.example' is not one email address"]

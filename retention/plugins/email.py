@@ -27,7 +27,7 @@ import ssl
 import string
 import urllib.parse
 from email.message import EmailMessage
-from email.utils import formatdate
+from email.utils import formatdate, getaddresses
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class EmailSink:
         if recipient is None:
             raise DeliveryError(f"no email address for customer {d.customer}: link one with "
                                 'an identify event ("aliases": ["email:..."])', permanent=True)
+        recipient = _one_address(recipient)
         params = dict(delivery.action.params) if delivery.action is not None else {}
         params.update(d.params)
         name = params.pop("template", None)
@@ -139,14 +140,14 @@ class EmailSink:
         try:
             reused = self._smtp is not None
             try:
-                self._connection().send_message(msg)
+                self._connection().send_message(msg, to_addrs=[msg["To"]])
             except smtplib.SMTPServerDisconnected:
                 if not reused:
                     raise
                 # the server closed a connection kept from an earlier message (an idle
                 # timeout, a restart): one new connection before calling it a failure
                 self.close()
-                self._connection().send_message(msg)
+                self._connection().send_message(msg, to_addrs=[msg["To"]])
         except ssl.SSLCertVerificationError as exc:
             self.close()
             raise SettingError(f"email: the certificate of {self.host} is not trusted "
@@ -206,6 +207,16 @@ class EmailSink:
 #: headers the sink writes itself
 _RESERVED = {"from", "to", "date", "message-id", "list-unsubscribe", "list-unsubscribe-post",
              "x-retention-decision"}
+
+
+def _one_address(text: str) -> str:
+    """The single plain address ``text`` must be: an identifier comes from events, and
+    a list (``a@x, b@y``) or a display name must not add recipients."""
+    pairs = getaddresses([text])
+    if len(pairs) != 1 or pairs[0][0] or pairs[0][1] != text.strip() \
+            or pairs[0][1].count("@") != 1:
+        raise DeliveryError(f"{text!r} is not one email address", permanent=True)
+    return pairs[0][1]
 
 
 def _text(value: Any) -> str:
