@@ -284,3 +284,32 @@ def test_installed_plugin_sink_delivers_and_its_command_runs(installed, tmp_path
     assert {t["key"] for t in written} == sent
     counted = run(installed, "tasks", tasks)
     assert counted.returncode == 0 and counted.stdout == f"{expected} tasks\n"
+
+
+@pytest.mark.parametrize("name, value, error", [
+    ("tax_rate", 0.2, "registered function 'tax_rate' as a float, which cannot be called"),
+    ("", len, "registered a function named '': a name is an identifier not starting with _"),
+])
+def test_a_plugin_registering_something_unusable_is_reported_and_skipped(name, value, error):
+    class Careless:
+        @retention.hookimpl
+        def register_functions(self, register):
+            register("fine_until_here", abs)
+            register(name, value)
+
+    plugin = Careless()
+    plugins.pm.register(plugin, name="careless")
+    try:
+        plugins.refresh()  # no exception: the plugin is skipped, the others still count
+        from retention.rules import expressions
+
+        assert "len" in expressions.FUNCTIONS
+        assert "fine_until_here" not in expressions.FUNCTIONS  # nothing of it is used
+        [failure] = [f for f in plugins.FAILED if f.name == "careless"]
+        assert failure.error == f"register_functions: {error}"
+        statuses = [r["status"] for r in plugins.listing() if r["name"] == "careless"]
+        assert statuses == ["loaded", f"failed: register_functions: {error}"]
+    finally:
+        plugins.pm.unregister(plugin)
+        plugins.refresh()
+        plugins.FAILED[:] = [f for f in plugins.FAILED if f.name != "careless"]

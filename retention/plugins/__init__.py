@@ -107,27 +107,37 @@ def _load_entry_points() -> None:
 def _collect(hook: str) -> list[Provided]:
     """What the plugins register through ``hook``. Plugins registered later are asked
     first (pluggy's order), so a third-party plugin can replace a built-in of the same
-    name; the first registration of a name wins."""
+    name; the first registration of a name wins. A plugin whose hook raises, or that
+    registers something unusable, is reported in FAILED and none of what it registered
+    through this hook is used."""
+    kind = hook[len("register_"):-1]
     found: list[Provided] = []
     seen: set[str] = set()
     caller = getattr(pm.hook, hook)
     for impl in reversed(caller.get_hookimpls()):  # the order pluggy calls them in
         plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+        mine: list[Provided] = []
 
-        def register(name: str, value: Any, _plugin: str = plugin_name) -> None:
-            if not isinstance(name, str) or not name:
-                raise PluginError(f"plugin {_plugin} registered a {hook[9:-1]} without a name")
-            if name not in seen:
-                seen.add(name)
-                found.append(Provided(kind=hook[9:-1], name=name, value=value,
-                                      plugin=_plugin))
+        def register(name: str, value: Any, _plugin: str = plugin_name,
+                     _mine: list[Provided] = mine) -> None:
+            if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+                raise PluginError(f"registered a {kind} named {name!r}: a name is an "
+                                  "identifier not starting with _")
+            if not callable(value):
+                raise PluginError(f"registered {kind} {name!r} as a {type(value).__name__}, "
+                                  "which cannot be called")
+            _mine.append(Provided(kind=kind, name=name, value=value, plugin=_plugin))
 
         try:
             impl.function(**{arg: register for arg in impl.argnames})
-        except PluginError:
-            raise
         except Exception as exc:  # a broken third-party hook is reported, never fatal
-            _failed(plugin_name, f"{hook}: {type(exc).__name__}: {exc}")
+            _failed(plugin_name, f"{hook}: {exc}" if isinstance(exc, PluginError)
+                    else f"{hook}: {type(exc).__name__}: {exc}")
+            continue
+        for provided in mine:
+            if provided.name not in seen:
+                seen.add(provided.name)
+                found.append(provided)
     return found
 
 
@@ -161,8 +171,6 @@ def refresh() -> None:
         expressions.FUNCTIONS.pop(name, None)
     _functions_from_plugins.clear()
     for name, provided in collect("function").items():
-        if not callable(provided.value):
-            raise PluginError(f"plugin {provided.plugin}: function {name!r} is not callable")
         expressions.register_function(name, provided.value)
         _functions_from_plugins.add(name)
     matchers.MATCHERS.clear()
