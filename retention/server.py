@@ -162,10 +162,21 @@ class RetentionService:
             try:
                 results = await loop.run_in_executor(self._writer, self._commit, group)
             except Exception as exc:
+                if isinstance(exc, RetentionError) or len(group) == 1:
+                    for pending in group:
+                        if not pending.future.done():
+                            pending.future.set_exception(exc)
+                    continue
+                # something in one request broke the transaction: each request alone,
+                # so only the culprit fails
+                results = []
                 for pending in group:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                continue
+                    try:
+                        results.extend(await loop.run_in_executor(
+                            self._writer, self._commit, [pending]))
+                    except Exception as alone:
+                        pending.future.set_exception(alone)
+                        results.append([])
             decided = False
             for pending, result in zip(group, results, strict=True):
                 if not pending.future.done():
@@ -305,6 +316,10 @@ class RetentionService:
             results = await self._submit(items, source)
         except RetentionError as exc:
             return JSONResponse({"error": f"not stored: {exc}"}, status_code=503)
+        except Exception as exc:
+            logger.exception("%s: the events could not be stored", origin)
+            return JSONResponse({"error": f"not stored: {type(exc).__name__}"},
+                                status_code=500)
         return _answer(results)
 
     async def post_events(self, request: Request) -> JSONResponse:
@@ -362,8 +377,8 @@ class RetentionService:
         try:
             await self._read(lambda store: store.db.execute("SELECT 1").fetchone())
         except Exception as exc:
-            return JSONResponse({"status": "unavailable", "error": str(exc)},
-                                status_code=503)
+            logger.error("health: %s", exc)  # the details stay in the log
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
 

@@ -34,7 +34,13 @@ def media_type(headers: Mapping[str, str]) -> str:
 
 def loads(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        value = json.loads(body)
+        # JSON may spell a lone UTF-16 surrogate (\ud800), which no text can store
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        raise BodyError("the JSON holds a lone UTF-16 surrogate (\\ud800 to \\udfff), "
+                        "which is not text") from None
     except UnicodeDecodeError:
         raise BodyError("the body is not UTF-8 text") from None
     except ValueError as exc:

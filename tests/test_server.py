@@ -816,3 +816,68 @@ def test_the_server_delivers_the_decisions_its_events_made(start, db, tmp_path):
     while rows(db, "SELECT status FROM decisions WHERE id = ?", card["id"]) != [("sent",)]:
         assert time.monotonic() < deadline, "the decision was not marked sent"
         time.sleep(0.02)
+
+
+def test_a_request_that_breaks_its_group_commit_fails_alone(server, db, monkeypatch):
+    clients = 6
+    service = server.app.state.retention
+    assert server.get("/health").status == 200
+    queued = 0
+    all_queued = threading.Event()
+    queue = service._queue
+    put = queue.put_nowait
+
+    def put_nowait(item: Any) -> None:
+        nonlocal queued
+        put(item)
+        queued += 1
+        if queued == clients:
+            all_queued.set()
+
+    commit = service._commit
+    groups: list[int] = []
+
+    def held_first_commit(group: list[Any]) -> Any:
+        if not groups:
+            assert all_queued.wait(10), "the requests did not all arrive"
+        groups.append(len(group))
+        return commit(group)
+
+    store = service._store
+    ingest = store.ingest_batch
+
+    def ingest_batch(items: Any, source: str = "") -> Any:  # a bug some input triggers
+        if any(isinstance(i.raw, dict) and i.raw.get("id") == "poison" for i in items):
+            raise RuntimeError("a bug")
+        return ingest(items, source=source)
+
+    monkeypatch.setattr(queue, "put_nowait", put_nowait)
+    monkeypatch.setattr(service, "_commit", held_first_commit)
+    monkeypatch.setattr(store, "ingest_batch", ingest_batch)
+    barrier = threading.Barrier(clients)
+    replies: dict[int, Reply] = {}
+
+    def client(n: int) -> None:
+        barrier.wait(10)
+        replies[n] = server.post("/events", purchase("poison" if n == 0 else f"ok-{n}"))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert replies[0].status == 500 and replies[0].body == {"error": "not stored: RuntimeError"}
+    assert all(replies[n].status == 200 and replies[n].body["new"] == 1
+               for n in range(1, clients)), replies
+    assert max(groups) > 1  # they were grouped, and the group was split to find the culprit
+    assert sorted(i for (i,) in rows(db, "SELECT id FROM events")) == [
+        f"ok-{n}" for n in range(1, clients)]
+
+
+def test_a_lone_surrogate_is_400_and_kept(server, db):
+    body = b'{"id": "s1", "customer": "\\ud800", "type": "purchase", "at": "2026-03-01T10:00:00Z"}'
+    reply = server.post("/events", raw=body)
+    assert reply.status == 400, reply.body
+    assert "lone UTF-16 surrogate" in reply.body["error"]
+    assert count(db, "events") == 0
+    assert rows(db, "SELECT raw FROM dead_letters") == [(body.decode(),)]
