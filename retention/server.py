@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -101,6 +102,7 @@ class RetentionService:
         self._start_lock: asyncio.Lock | None = None
         self._wake: asyncio.Event | None = None
         self._sources: dict[str, Any] = {}
+        self._replays = _Replays()
         self.secret = config.settings.get("standard", "secret")
         if self.secret:
             signing.key_of(self.secret)
@@ -289,6 +291,7 @@ class RetentionService:
             return JSONResponse({"error": f"the body is over {self.config.max_body} bytes"},
                                 status_code=413)
         headers = {k.lower(): v for k, v in request.headers.items()}
+        replay_key = None
         if verify is not None:
             try:
                 verify(body, headers)  # on the raw bytes, before any parsing
@@ -298,6 +301,14 @@ class RetentionService:
                 logger.exception("%s: the signature check failed", origin)
                 return JSONResponse({"error": f"the signature check failed: "
                                               f"{type(exc).__name__}"}, status_code=500)
+            if headers.get("webhook-id"):
+                # a signed message is used once: its unsigned parts (the ce-* headers of
+                # a binary CloudEvent) cannot be changed and sent again
+                replay_key = (origin, headers["webhook-id"])
+                if self._replays.seen(replay_key, self.config.clock()):
+                    return JSONResponse({"new": 0, "duplicates": 0, "identified": 0,
+                                         "dead_lettered": 0, "decisions": [],
+                                         "replayed": True})
         try:
             raws = parse(body, headers)
             if not isinstance(raws, list):
@@ -320,6 +331,8 @@ class RetentionService:
             logger.exception("%s: the events could not be stored", origin)
             return JSONResponse({"error": f"not stored: {type(exc).__name__}"},
                                 status_code=500)
+        if replay_key is not None:
+            self._replays.remember(replay_key, self.config.clock())
         return _answer(results)
 
     async def post_events(self, request: Request) -> JSONResponse:
@@ -380,6 +393,26 @@ class RetentionService:
             logger.error("health: %s", exc)  # the details stay in the log
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+
+class _Replays:
+    """Message ids of signed requests already stored, kept as long as their signature
+    could still be accepted (the signed timestamp's tolerance, both ways)."""
+
+    def __init__(self, keep: float = 2 * signing.TOLERANCE, most: int = 1_000_000):
+        self.keep = keep
+        self.most = most
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def seen(self, key: tuple[str, str], now: float) -> bool:
+        while self._seen and (next(iter(self._seen.values())) < now - self.keep
+                              or len(self._seen) > self.most):
+            self._seen.popitem(last=False)
+        return key in self._seen
+
+    def remember(self, key: tuple[str, str], now: float) -> None:
+        self._seen[key] = now
+        self._seen.move_to_end(key)
 
 
 def _with_source(item: Incoming, source: str) -> Incoming:

@@ -881,3 +881,33 @@ def test_a_lone_surrogate_is_400_and_kept(server, db):
     assert "lone UTF-16 surrogate" in reply.body["error"]
     assert count(db, "events") == 0
     assert rows(db, "SELECT raw FROM dead_letters") == [(body.decode(),)]
+
+
+def test_a_signed_message_is_used_once_so_its_unsigned_headers_cannot_be_replayed(
+        signed_server, db):
+    body = json.dumps({"amount": 55}).encode()
+    headers = {"ce-specversion": "1.0", "ce-id": "ce-1", "ce-source": "/shop",
+               "ce-type": "purchase", "ce-time": "2026-03-02T08:30:00Z", "ce-subject": "ann",
+               "Content-Type": "application/json", **sign(SECRET.encode(), body, "msg_ce1")}
+    first = signed_server.post("/events", raw=body, headers=headers)
+    assert first.status == 200 and first.body["new"] == 1, first.body
+    before = everything(db)
+    # the captured request again, its ce-* headers (outside the signature) changed
+    forged = {**headers, "ce-id": "forged-1", "ce-subject": "bob", "ce-type": "complaint"}
+    again = signed_server.post("/events", raw=body, headers=forged)
+    assert again.status == 200 and again.body["replayed"] is True, again.body
+    assert again.body["new"] == 0
+    assert everything(db) == before
+
+
+def test_a_signed_message_that_was_not_stored_can_be_sent_again(signed_server, db):
+    body = json.dumps(purchase("r1")).encode()
+    headers = sign(SECRET.encode(), body, "msg_r1")
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON events "
+                     "BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    assert signed_server.post("/events", raw=body, headers=headers).status == 503
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DROP TRIGGER refuse")
+    retried = signed_server.post("/events", raw=body, headers=headers)  # the sender's retry
+    assert retried.status == 200 and retried.body["new"] == 1, retried.body
