@@ -252,6 +252,7 @@ class Deliverer:
         """Deliver what is due now: pending decisions, failed ones whose backoff has
         passed, and ones a dead process left ``sending`` past their lease."""
         report = DeliveryReport()
+        self.store.follow_rules()  # the actions as the active rules declare them
         self._run_start = self.clock()
         self._down.clear()
         self._strikes.clear()

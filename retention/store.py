@@ -232,6 +232,8 @@ class StoredEngine(Engine):
         self._drop: set[str] = set()
         #: (source, id) of the events the batch stored
         self._landed: list[tuple[str, str]] = []
+        #: the rules in use and their hash, to notice another process's `rules use`
+        self._rules_hash: tuple[RuleSet, str] | None = None
         if given is not None:
             if active is None:
                 self._record_rules(given)
@@ -316,6 +318,19 @@ class StoredEngine(Engine):
         with self._writing():
             self._activate(rules)
         return True
+
+    def follow_rules(self) -> None:
+        """Take up the rules version another process made active (``retention rules
+        use`` while a server runs). Ingestion calls it inside its transaction."""
+        row = self.db.execute("SELECT hash FROM rule_versions WHERE active = 1").fetchone()
+        if row is None:
+            return
+        if self._rules_hash is None or self._rules_hash[0] is not self._rules:
+            self._rules_hash = (self._rules, _rules_hash(self._rules))
+        if row[0] != self._rules_hash[1]:
+            active = self._active_rules()
+            assert active is not None
+            self._derive(active)
 
     def _activate(self, rules: RuleSet) -> None:
         """Inside a transaction: record ``rules`` as the active version."""
@@ -629,6 +644,7 @@ class StoredEngine(Engine):
 
         try:
             with self._writing():
+                self.follow_rules()
                 if also is not None:
                     also()
                 self._apply_steps(steps, report, reject, outcomes, note)

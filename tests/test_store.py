@@ -978,3 +978,21 @@ def test_an_identity_known_only_by_its_aliases_can_be_exported_and_forgotten(tmp
         store.forget("email:qx81@example.com")
     data = (tmp_path / "r.db").read_bytes()
     assert b"qx81" not in data
+
+
+def test_a_long_lived_engine_takes_up_the_rules_another_process_made_active(tmp_path):
+    path = tmp_path / "shared.db"
+    mild = "capital: {initial: 50, opens_on: [purchase]}\nrules:\n" \
+           "  complaint: {when: event.type == 'complaint', points: -5, category: incident}\n"
+    harsh = mild.replace("-5", "-30")
+    at = "2026-01-0{}T10:00:00+00:00"
+    with StoredEngine(path, load_texts([("r.yaml", mild)])) as server, \
+            StoredEngine(path) as operator:
+        server.ingest([{"id": "p", "customer": "c", "type": "purchase", "at": at.format(1)},
+                       {"id": "k1", "customer": "c", "type": "complaint", "at": at.format(2)}])
+        assert server.capital("c", at.format(2)) == 45
+        operator.use_rules(load_texts([("r.yaml", harsh)]))  # retention rules use
+        server.ingest([{"id": "k2", "customer": "d", "type": "purchase", "at": at.format(3)},
+                       {"id": "k3", "customer": "d", "type": "complaint", "at": at.format(4)}])
+        assert server.capital("d", at.format(4)) == 20  # the harsh rule, not the mild one
+        assert server.capital("c", at.format(4)) == 20  # recomputed by the switch
