@@ -495,7 +495,10 @@ class StoredEngine(Engine):
             " rule = excluded.rule, action = excluded.action, params = excluded.params,"
             " at = excluded.at, ts = excluded.ts, kind = excluded.kind, via = excluded.via,"
             " trigger = excluded.trigger, status = excluded.status, reason = excluded.reason"
-            f" WHERE decisions.status IN ({marks})",
+            f" WHERE decisions.status IN ({marks})"
+            # a failed one keeps its tries and backoff, unless the history now holds it
+            # back (consent withdrawn earlier, pressure): then it is not sent at all
+            " OR (decisions.status = 'failed' AND excluded.status != 'pending')",
             [(*self._decision_row(d), *UNDELIVERED) for d in decisions])
 
     # -- replays: the outbox follows the recomputed history ------------------------------
@@ -530,11 +533,13 @@ class StoredEngine(Engine):
         return [d for did, d in truth.items() if did not in known]
 
     def _delivered(self, ids: list[str]) -> set[str]:
-        """Those of ``ids`` whose decision has left the outbox (sent, failed...)."""
-        undelivered = ",".join("?" * len(UNDELIVERED))
+        """Those of ``ids`` whose decision has left, or may have left, the outbox (sent,
+        being sent). A failed one has not: the history may still take it back."""
+        kept = (*UNDELIVERED, "failed")
+        marks = ",".join("?" * len(kept))
         return {i for (i,) in self._rows_in(
             "SELECT id FROM decisions WHERE id IN ({})"
-            f" AND status NOT IN ({undelivered})", ids, after=UNDELIVERED)}
+            f" AND status NOT IN ({marks})", ids, after=kept)}
 
     # -- ingestion ---------------------------------------------------------------------
 
@@ -1083,10 +1088,13 @@ class StoredEngine(Engine):
             for did in ids:  # the id is derived from the customer's: replaced too
                 # a delivery error can name the customer or their address; the engine's
                 # own reasons (consent, pressure, holdout) are anonymous and stay
+                # one not delivered yet never will be: suppressed, reason "forgotten"
                 execute("UPDATE decisions SET id = ?, customer = NULL, params = NULL,"
                         " trigger = NULL, reason = CASE WHEN status IN ('suppressed',"
-                        " 'held_out') THEN reason END, next_try = NULL, lease_until = NULL"
-                        " WHERE id = ?",
+                        " 'held_out') THEN reason WHEN status IN ('pending', 'sending',"
+                        " 'failed') THEN 'forgotten' END, status = CASE WHEN status IN"
+                        " ('pending', 'sending', 'failed') THEN 'suppressed' ELSE status END,"
+                        " next_try = NULL, lease_until = NULL WHERE id = ?",
                         ["forgotten:" + hashlib.sha256(did.encode() + _salt()).hexdigest()[:32],
                          did])
             erased["decisions"] = len(ids)

@@ -89,8 +89,8 @@ We are sorry about the billing error on the account of ${email}.
 
 # -- helpers --------------------------------------------------------------------------------
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+def invoke(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input)
 
 
 def one_line(text):
@@ -920,6 +920,9 @@ def test_forget_after_a_failed_delivery_leaves_no_identifier_in_the_outbox(
         assert forgot.exit_code == 0, forgot.output
     for (reason,) in query(db, "SELECT reason FROM decisions"):
         assert reason is None or ("carl" not in reason and "dora" not in reason), reason
+    # what was not delivered never will be: suppressed as forgotten, not retried
+    assert query(db, "SELECT status, reason FROM decisions") == [
+        ("suppressed", "forgotten")] * 2
     for path in tmp_path.iterdir():
         if path.name.startswith(db.name):
             data = path.read_bytes()
@@ -994,3 +997,20 @@ def test_an_address_list_in_an_identifier_adds_no_recipient(shop, rules, smtp):
                                        " AND next_try IS NULL ORDER BY reason")]
     assert reasons == ["'bob@example.com,eve@evil.example' is not one email address",
                        "'dan@example.com, eve@evil.example' is not one email address"]
+
+
+def test_a_late_unsubscribe_holds_back_a_failed_marketing_email(shop, rules, smtp):
+    db = shop(customer_events(["ann@example.com"], REVIEW))
+    smtp.stop()
+    result = invoke("deliver", "--db", db, "--rules", rules, *sets(email_settings(smtp)))
+    assert result.exit_code == 2, result.output
+    assert statuses(db) == {"failed": 1}
+    # an unsubscribe dated before the review arrives late: the thanks must not go
+    late = json.dumps({"id": "u1", "customer": "ann@example.com", "type": "unsubscribe",
+                       "at": "2026-03-01T11:30:00Z"})
+    assert invoke("ingest", "--db", db, "-", input=late + "\n").exit_code == 0
+    assert query(db, "SELECT status, reason FROM decisions") == [("suppressed", "consent")]
+    smtp.start()
+    assert invoke("deliver", "--db", db, "--rules", rules,
+                  *sets(email_settings(smtp))).exit_code == 0
+    assert smtp.mailbox.received == []
