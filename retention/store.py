@@ -1088,13 +1088,12 @@ class StoredEngine(Engine):
             for did in ids:  # the id is derived from the customer's: replaced too
                 # a delivery error can name the customer or their address; the engine's
                 # own reasons (consent, pressure, holdout) are anonymous and stay
-                # one not delivered yet never will be: suppressed, reason "forgotten"
+                # the statuses stay, as anonymous counts; without a customer, one not
+                # delivered yet never will be (the delivery loop passes it by)
                 execute("UPDATE decisions SET id = ?, customer = NULL, params = NULL,"
                         " trigger = NULL, reason = CASE WHEN status IN ('suppressed',"
-                        " 'held_out') THEN reason WHEN status IN ('pending', 'sending',"
-                        " 'failed') THEN 'forgotten' END, status = CASE WHEN status IN"
-                        " ('pending', 'sending', 'failed') THEN 'suppressed' ELSE status END,"
-                        " next_try = NULL, lease_until = NULL WHERE id = ?",
+                        " 'held_out') THEN reason END, next_try = NULL, lease_until = NULL"
+                        " WHERE id = ?",
                         ["forgotten:" + hashlib.sha256(did.encode() + _salt()).hexdigest()[:32],
                          did])
             erased["decisions"] = len(ids)

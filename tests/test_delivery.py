@@ -920,9 +920,11 @@ def test_forget_after_a_failed_delivery_leaves_no_identifier_in_the_outbox(
         assert forgot.exit_code == 0, forgot.output
     for (reason,) in query(db, "SELECT reason FROM decisions"):
         assert reason is None or ("carl" not in reason and "dora" not in reason), reason
-    # what was not delivered never will be: suppressed as forgotten, not retried
-    assert query(db, "SELECT status, reason FROM decisions") == [
-        ("suppressed", "forgotten")] * 2
+    # kept as anonymous counts, and never tried again
+    assert query(db, "SELECT status, reason, customer FROM decisions") == [
+        ("failed", None, None)] * 2
+    retried = invoke("deliver", "--db", db, "--rules", rules, *sets(email_settings(smtp)))
+    assert retried.exit_code == 0 and retried.stdout.startswith("sent 0, failed 0")
     for path in tmp_path.iterdir():
         if path.name.startswith(db.name):
             data = path.read_bytes()
