@@ -168,6 +168,8 @@ def main() -> None:
         print(f"  {error}")
     ok = accepted / elapsed >= 1000 and percentile(ms, 0.99) < 100 and not errors
     print("target (>= 1,000 events/s, p99 < 100 ms, no error): " + ("met" if ok else "NOT met"))
+    if not ok:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

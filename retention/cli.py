@@ -473,7 +473,7 @@ def _decision_rows(decisions: Iterable[Any]) -> list[dict[str, Any]]:
              "params": dict(d.params), "id": d.id} for d in decisions]
 
 
-_DECISION_COLUMNS = ("at", "customer", "rule", "action", "status", "reason", "params")
+_DECISION_COLUMNS = ("id", "at", "customer", "rule", "action", "status", "reason", "params")
 _DECISION_ALL = ("id", "at", "customer", "rule", "action", "kind", "status", "reason", "params")
 
 
@@ -545,7 +545,9 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
 
 @cli.command()
 @_db_option
-@click.option("--status", help="pending, sending, sent, failed, suppressed or held_out.")
+@click.option("--status", type=click.Choice(
+    ["pending", "sending", "sent", "failed", "suppressed", "held_out"]),
+    help="Only decisions with this status.")
 @click.option("--since", help="Decided at or after T.")
 @click.option("--customer", "customer_id", help="Of one customer.")
 @format_options
@@ -909,7 +911,7 @@ def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | No
                           max_body=max_body, deliver_every=deliver_every,
                           routes=_pairs(routes, "--route"), templates=_templates(rules_path),
                           max_attempts=max_attempts, backoff=backoff)
-    if not secret:
+    if not values.get("standard.secret"):
         click.echo("warning: no --secret: POST /events accepts unsigned events", err=True)
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning",
                 access_log=False)

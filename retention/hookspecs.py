@@ -19,8 +19,8 @@ hookimpl = HookimplMarker("retention")
 @hookspec
 def register_sinks(register: Any) -> None:
     """Add action sinks: call ``register(name, make)`` where ``make(settings)`` returns an
-    object whose ``deliver(decision, action)`` sends one decision or raises DeliveryError;
-    a rule file's ``via: name`` picks it."""
+    object whose ``deliver(delivery)`` sends one decision (``delivery.decision``) or raises
+    DeliveryError; a rule file's ``via: name`` picks it."""
 
 
 @hookspec

@@ -1016,3 +1016,13 @@ def test_a_late_unsubscribe_holds_back_a_failed_marketing_email(shop, rules, smt
     assert invoke("deliver", "--db", db, "--rules", rules,
                   *sets(email_settings(smtp))).exit_code == 0
     assert smtp.mailbox.received == []
+
+
+def test_a_login_without_starttls_is_refused_before_any_password_is_sent(shop, rules, smtp):
+    db = shop(customer_events(["ann@example.com"], REVIEW))
+    settings = email_settings(smtp, username="shop", password="secret")
+    result = invoke("deliver", "--db", db, "--rules", rules, *sets(settings))
+    assert result.exit_code == 1, result.output
+    assert one_line(result.stderr).startswith(
+        "error: email: a login without STARTTLS would send the password in clear")
+    assert smtp.mailbox.received == [] and statuses(db) == {"pending": 1}

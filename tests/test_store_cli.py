@@ -494,7 +494,8 @@ def test_tick_prints_the_decisions_time_made_once(shop):
     first = invoke("tick", "--db", shop, "--now", END)
     assert first.exit_code == 0, first.output
     header, rule, *rows = first.stdout.splitlines()
-    assert header.split() == ["at", "customer", "rule", "action", "status", "reason", "params"]
+    assert header.split() == ["id", "at", "customer", "rule", "action", "status", "reason",
+                              "params"]
     assert set(rule) <= {"-", " "}
     assert rows
     second = invoke("tick", "--db", shop, "--now", END)

@@ -46,6 +46,10 @@ class EmailSink:
         if self.username and self.password is None:
             raise SettingError("email: a username needs RETENTION_EMAIL_PASSWORD "
                                "(or --set email.password=...)")
+        if self.username and not self.starttls and not settings.flag("email", "plain_login"):
+            raise SettingError("email: a login without STARTTLS would send the password in "
+                               "clear: set email.starttls=true (or email.plain_login=true "
+                               "for a server on a trusted network)")
         self.timeout = settings.number("email", "timeout", 10.0)
         self.unsubscribe_url = settings.get("email", "unsubscribe_url")
         if self.unsubscribe_url and not self.unsubscribe_url.startswith("https://"):
