@@ -617,9 +617,9 @@ def test_a_customer_id_with_slashes_is_found(server):
 
 # -- 9. concurrency: group commits -------------------------------------------------------------
 
-def test_concurrent_requests_are_committed_together_with_their_own_counts(server, db,
-                                                                          monkeypatch):
-    clients = 20
+def hold_first_commit(server: Running, clients: int, monkeypatch: Any) -> list[int]:
+    """Hold the server's first transaction until ``clients`` requests wait in its queue,
+    so the others are committed together; returns the sizes of the groups committed."""
     service = server.app.state.retention
     assert server.get("/health").status == 200  # the writer and its queue exist now
     groups: list[int] = []
@@ -645,6 +645,13 @@ def test_concurrent_requests_are_committed_together_with_their_own_counts(server
 
     monkeypatch.setattr(queue, "put_nowait", put_nowait)
     monkeypatch.setattr(service, "_commit", slow_first_commit)
+    return groups
+
+
+def test_concurrent_requests_are_committed_together_with_their_own_counts(server, db,
+                                                                          monkeypatch):
+    clients = 20
+    groups = hold_first_commit(server, clients, monkeypatch)
     barrier = threading.Barrier(clients)
     replies: dict[int, Reply] = {}
 
@@ -821,28 +828,7 @@ def test_the_server_delivers_the_decisions_its_events_made(start, db, tmp_path):
 def test_a_request_that_breaks_its_group_commit_fails_alone(server, db, monkeypatch):
     clients = 6
     service = server.app.state.retention
-    assert server.get("/health").status == 200
-    queued = 0
-    all_queued = threading.Event()
-    queue = service._queue
-    put = queue.put_nowait
-
-    def put_nowait(item: Any) -> None:
-        nonlocal queued
-        put(item)
-        queued += 1
-        if queued == clients:
-            all_queued.set()
-
-    commit = service._commit
-    groups: list[int] = []
-
-    def held_first_commit(group: list[Any]) -> Any:
-        if not groups:
-            assert all_queued.wait(10), "the requests did not all arrive"
-        groups.append(len(group))
-        return commit(group)
-
+    groups = hold_first_commit(server, clients, monkeypatch)
     store = service._store
     ingest = store.ingest_batch
 
@@ -851,8 +837,6 @@ def test_a_request_that_breaks_its_group_commit_fails_alone(server, db, monkeypa
             raise RuntimeError("a bug")
         return ingest(items, source=source)
 
-    monkeypatch.setattr(queue, "put_nowait", put_nowait)
-    monkeypatch.setattr(service, "_commit", held_first_commit)
     monkeypatch.setattr(store, "ingest_batch", ingest_batch)
     barrier = threading.Barrier(clients)
     replies: dict[int, Reply] = {}
