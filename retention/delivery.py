@@ -26,6 +26,7 @@ from .errors import RetentionError
 from .models import Decision
 from .rules.model import Action
 from .store import decision_of
+from .times import from_seconds
 
 #: tries before a decision stays failed for an operator
 MAX_ATTEMPTS = 8
@@ -140,6 +141,12 @@ class Delivery:
         return None
 
 
+#: SQL: a decision due for delivery at the instant given twice: pending, failed with its
+#: backoff passed, or left sending by a process whose lease ran out
+_DUE = ("customer IS NOT NULL AND (status = 'pending' OR (status = 'failed' AND"
+        " next_try <= ?) OR (status = 'sending' AND lease_until <= ?))")
+
+
 @attrs.frozen
 class _Claim:
     """A decision this process marked ``sending``: the number of this try, the status
@@ -223,9 +230,8 @@ class Deliverer:
         missing a setting is left out of the run, and its decisions wait as they are."""
         now = self.clock()
         for (via,) in self.store.db.conn.execute(
-                "SELECT DISTINCT via FROM decisions WHERE via IS NOT NULL AND"
-                " customer IS NOT NULL AND (status = 'pending' OR (status = 'failed' AND"
-                " next_try <= ?) OR status = 'sending')", [now]).fetchall():
+                f"SELECT DISTINCT via FROM decisions WHERE via IS NOT NULL AND {_DUE}",
+                [now, now]).fetchall():
             name = self.sink_name(via)
             if name is not None and name not in self._down:
                 try:
@@ -329,9 +335,7 @@ class Deliverer:
         if not vias:
             return []
         marks = ",".join("?" * len(vias))
-        where = (f"via IN ({marks}) AND customer IS NOT NULL AND"
-                 " (status = 'pending' OR (status = 'failed' AND next_try <= ?)"
-                 " OR (status = 'sending' AND lease_until <= ?))")
+        where = f"via IN ({marks}) AND {_DUE}"
         args: list[Any] = [*vias, now, now]
         if only is not None:
             where += " AND id = ?"
@@ -388,7 +392,7 @@ class Deliverer:
         if name is not None:
             self._strikes[name] = 0
         self._settle(claim, "status = 'sent', reason = NULL, next_try = NULL, sent_at = ?",
-                     [_iso_now(self.clock())])
+                     [from_seconds(self.clock()).isoformat()])
         report.sent += 1
 
     def _settle(self, claim: _Claim, assignments: str, values: list[Any]) -> bool:
@@ -430,12 +434,6 @@ class Deliverer:
             " AND customer IS NOT NULL"
             f" AND via NOT IN ({marks}) GROUP BY via", vias)
         return Counter(dict(rows.fetchall()))
-
-
-def _iso_now(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat()
 
 
 def decision_payload(decision: Decision) -> bytes:

@@ -282,9 +282,7 @@ class RetentionService:
                        verify: Callable[[bytes, Mapping[str, str]], None] | None,
                        parse: Callable[[bytes, Mapping[str, str]], list[Any]]
                        ) -> JSONResponse:
-        refused = self._refused(request)
-        if refused is not None:
-            return refused
+        """The body of an authorized request, checked, parsed and stored."""
         try:
             body = await self._body(request)
         except _TooLarge:
@@ -336,6 +334,9 @@ class RetentionService:
         return _answer(results)
 
     async def post_events(self, request: Request) -> JSONResponse:
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         verify = None
         if self.secret:
             secret = self.secret
