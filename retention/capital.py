@@ -200,11 +200,13 @@ def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
 
 
 def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
-           ) -> tuple[float, float]:
+           ) -> tuple[float, float, float]:
     """Step 2 of processing: bank the licence, the silence drain (at a contact) and
     penalties that no longer change (a faded one is dropped, one at its keep floor
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
-    and the silence drain banked (what the bounds let through)."""
+    and the silence drain banked (what the bounds let through), and
+    ``capital_at(t)`` itself, summed in the order :func:`raw_capital` sums it (so
+    to the last bit the same)."""
     cap = rules.capital
     licence = 0.0
     if rules.licence is not None:
@@ -230,7 +232,16 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
                 state.balance = clamp(state.balance - penalty.points * penalty.keep,
                                       cap.min, cap.max)
         state.penalties = keep or ()
-    return licence, silence
+    # the licence owes nothing more at t: its steps are banked
+    value = state.balance
+    if not contact and rules.silence is not None:
+        idle = t - state.last_contact - rules.silence.after
+        if idle > 0:
+            value -= rules.silence.rate_per_day * idle / DAY
+    for penalty in state.penalties:
+        share = penalty.fade.share(t - penalty.t0)
+        value -= penalty.points * (share if share > penalty.keep else penalty.keep)
+    return licence, silence, clamp(value, cap.min, cap.max)
 
 
 # -- time-driven level crossings -----------------------------------------------------
@@ -349,6 +360,17 @@ def level_transitions(
     m_lo = math.floor(t_from * 1000.0) + 1
     m_hi = math.floor(t_to * 1000.0) if include_end else math.ceil(t_to * 1000.0) - 1
     if m_hi < m_lo:
+        return []
+
+    # The common case, answered without the search below: every level armed and no
+    # licence step in between, so capital is concave all along and no level fires
+    # while capital ends at or above the highest of them.
+    licence = rules.licence
+    if all(armed) and (
+            licence is None or (t_from - state.clean_since) // licence.clean_for
+            == (t_to - state.clean_since) // licence.clean_for) and clamp(
+            raw_capital(state, rules, m_hi / 1000.0), cap.min, cap.max) >= max(
+            level.below for level in levels):
         return []
 
     def raw(m: int) -> float:

@@ -17,8 +17,9 @@ import json
 import marshal
 import math
 import pickle
-from collections.abc import Iterable, Iterator, Mapping
-from datetime import datetime
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -143,21 +144,24 @@ class Customer:
     spent: float = 0.0
     consent: bool = True
     # bookkeeping the rules need, created on first use (most customers need little)
+    # (tuples rather than lists or sets: see ``_recent``)
     counts: dict[str, int] | None = None
-    rewarded: set[str] | None = None
+    #: the `after` rewards granted
+    rewarded: tuple[str, ...] | None = None
     #: purchases counted by an `after` reward: their times and amounts
-    # (lists, not deques: a deque weighs 600 bytes even empty, and these stay short)
-    windows: dict[str, tuple[list[float], list[float]]] | None = None
-    repeats: dict[str, list[float]] | None = None
+    windows: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] | None = None
+    repeats: dict[str, tuple[float, ...]] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
-    pressure: list[float] | None = None
-    #: decisions by id, created with the first one
-    decisions: dict[str, Decision] | None = None
+    pressure: tuple[float, ...] | None = None
+    #: decisions by id, created with the first one, each kept as the plain tuple of
+    #: its fields (see ``decision_of``)
+    decisions: dict[str, tuple[Any, ...]] | None = None
     next_change: float = math.inf
     #: the time of this customer's live entry in the tick queue
     scheduled: float = math.inf
     levels_due: float = math.inf
-    #: points moved since the schedule was computed
+    #: the schedule may now be too late: points were taken or a level moved since it
+    #: was computed (points given only make what it foresaw come later)
     dirty: bool = False
     #: levels cannot move while capital stays in [calm_low, calm_high)
     calm_low: float = -math.inf
@@ -172,14 +176,58 @@ class Customer:
         return lowest.name if lowest else None
 
 
-def _drop_until(times: list[float], keep: Any) -> int:
-    """Drop the leading times of a sorted window until ``keep(time)`` holds; returns
-    how many were dropped."""
-    stale = 0
-    while stale < len(times) and not keep(times[stale]):
-        stale += 1
-    del times[:stale]
-    return stale
+_new = object.__new__
+_decision_state = Decision.__setstate__  # type: ignore[attr-defined]
+_FIELDS = [field.name for field in attrs.fields(Decision)]
+#: where a decision's parameters and status are in the tuple of its fields
+_PARAMS, _STATUS = _FIELDS.index("params"), _FIELDS.index("status")
+
+
+def decision_of(row: tuple[Any, ...]) -> Decision:
+    """The decision a customer keeps as a tuple of its field values, the parameters
+    as a tuple of (name, value) pairs.
+
+    A tuple of plain values (a dict is not one) is soon untracked by Python's cycle
+    collector, while an object stays tracked: kept as objects, a million decisions
+    would be walked at every full collection.
+    """
+    d = _new(Decision)
+    _decision_state(d, (*row[:_PARAMS], dict(row[_PARAMS]), *row[_PARAMS + 1:]))
+    return d
+
+
+def decided(c: Customer) -> dict[str, Decision]:
+    """A customer's decisions by id, as objects."""
+    return {did: decision_of(row) for did, row in (c.decisions or {}).items()}
+
+
+def decision_rows(decisions: Mapping[str, Decision]) -> dict[str, tuple[Any, ...]]:
+    """Decisions by id, as a customer keeps them."""
+    return {did: decision_row(d) for did, d in decisions.items()}
+
+
+def decision_row(d: Decision) -> tuple[Any, ...]:
+    """A decision as a customer keeps it (see ``decision_of``)."""
+    row = d.__getstate__()  # type: ignore[attr-defined]
+    return (*row[:_PARAMS], tuple(d.params.items()), *row[_PARAMS + 1:])
+
+
+def _recent(times: Sequence[float], edge: float, *, from_edge: bool) -> tuple[float, ...]:
+    """A time-ordered window without its leading times before ``edge`` (and at it,
+    unless ``from_edge``).
+
+    Windows are tuples, not lists: a tuple of numbers is soon untracked by Python's
+    cycle collector, which otherwise walks every customer's windows at each full
+    collection (a snapshot from before may still hold lists).
+    """
+    start, end = 0, len(times)
+    if from_edge:
+        while start < end and times[start] < edge:
+            start += 1
+    else:
+        while start < end and times[start] <= edge:
+            start += 1
+    return tuple(times[start:])
 
 
 def _link(value: Any) -> Any:
@@ -195,6 +243,8 @@ def _row(event: Event) -> tuple[Any, ...]:
 
 
 _MARSHALLED, _PICKLED = 0, 1
+#: a row's header in a log: its length and how it is encoded
+_HEADER = struct.Struct("<IB").pack
 
 
 def _pack(row: tuple[Any, ...]) -> bytes:
@@ -211,11 +261,11 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     if type(props) is not dict:
         props = dict(props)
         row = (ts, event_id, source, kind, at, props)
-    offset = fixed_offset(at)
+    offset = 0 if at.tzinfo is UTC else fixed_offset(at)
     if offset is not None:
         try:
             body = marshal.dumps((round(ts * 1e6), event_id, source, kind, offset, props))
-            return len(body).to_bytes(4, "little") + b"\x00" + body
+            return _HEADER(len(body), _MARSHALLED) + body
         except ValueError:
             pass
     try:
@@ -223,7 +273,7 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     except Exception as exc:  # an object that cannot be kept, given through the API
         raise EventError(f"a property value cannot be stored: {exc}",
                          event_id=event_id) from None
-    return len(body).to_bytes(4, "little") + b"\x01" + body
+    return _HEADER(len(body), _PICKLED) + body
 
 
 def _unpack(log: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
@@ -353,9 +403,10 @@ class Engine:
             customer = self._customers[ev.customer]
             customer.dirty = True
         seen[ev.id] = None
-        # An event that moved no points leaves future capital at or above what was
-        # foreseen, so a still-future schedule stays a valid (early) one, unless a
-        # level waits to re-arm, which a higher capital could bring sooner.
+        # An event that took no points and moved no level leaves future capital at or
+        # above what was foreseen, so a still-future schedule stays a valid (early)
+        # one, unless a level waits to re-arm, which a higher capital could bring
+        # sooner.
         if (customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < _INF
                 or customer.scheduled <= ev.ts):
             self._schedule(customer)
@@ -446,8 +497,8 @@ class Engine:
         """Decisions made so far (of one customer, or all), oldest first."""
         pool = ([self._customers[customer]] if customer in self._customers else []
                 ) if customer is not None else self._customers.values()
-        found = [d for c in pool if c.decisions for d in c.decisions.values()
-                 if status is None or d.status == status]
+        found = [decision_of(row) for c in pool if c.decisions for row in c.decisions.values()
+                 if status is None or row[_STATUS] == status]
         found.sort(key=lambda d: (d.at, d.id))
         return found
 
@@ -499,7 +550,6 @@ class Engine:
             c.armed = bytearray(cap.initial >= lv.below for lv in rules.levels)
             c.fired = bytearray(len(rules.levels))
             c.level_time = t
-            c.dirty = True
             self._calm(c)
             ledger.append(LedgerEntry(customer=c.id, rule="opening", points=cap.initial,
                                       at=ev.at, event_id=ev.id, category="opening",
@@ -509,7 +559,7 @@ class Engine:
             days_idle: float | None = 0.0
         else:
             days_idle = (t - state.last_contact) / DAY
-            licence, silence = settle(state, rules, t, plan.contact)
+            licence, silence, before = settle(state, rules, t, plan.contact)
             if licence:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="licence", points=licence, at=ev.at,
@@ -520,7 +570,6 @@ class Engine:
                     customer=c.id, rule="silence", points=-silence, at=ev.at,
                     event_id=ev.id, category="silence",
                     reason=f"silence: {days_idle:.1f} days without contact"))
-            before = capital_at(state, rules, t)
             if not c.calm_low <= before < c.calm_high:
                 decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
         props = ev.props
@@ -533,11 +582,12 @@ class Engine:
             view.spent = c.spent
             view.days_since_contact = days_idle
             view.consent = consent_before
+        moved = False
         for rule in plan.rules:
             if not rule.test(ev, props, view):
                 continue
             self._apply_rule(c, state, rule, ev, ledger)
-            c.dirty = True
+            moved = True
             if rule.then:
                 decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, _trigger(ev),
                                                   0.0))
@@ -548,7 +598,7 @@ class Engine:
                 c.spent += amount
         if plan.rewards:
             decisions.extend(self._recognise(c, ev, view, plan.rewards))
-        after = capital_at(state, rules, t) if c.dirty or before is None else before
+        after = capital_at(state, rules, t) if moved or before is None else before
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
@@ -563,10 +613,8 @@ class Engine:
         if rule.repeat is not None:
             if c.repeats is None:
                 c.repeats = {}
-            window = c.repeats.get(rule.name)
-            if window is None:
-                window = c.repeats[rule.name] = []
-            _drop_until(window, lambda at, edge=t - rule.repeat.within: at >= edge)
+            window = _recent(c.repeats.get(rule.name, ()), t - rule.repeat.within,
+                             from_edge=True)
             earlier = len(window)  # matches in [t - W, t): not those at this same instant
             while earlier and window[earlier - 1] >= t:
                 earlier -= 1
@@ -577,7 +625,7 @@ class Engine:
                     multiplier = _MAX_MULTIPLIER
                 points = max(-_MAX_POINTS, min(_MAX_POINTS, points * multiplier))
                 note = f", repeat #{earlier + 1} (x{multiplier:g})"
-            window.append(t)
+            c.repeats[rule.name] = (*window, t)
         penalty = None
         applied = points
         if points < 0 and rule.fade is not None:
@@ -597,6 +645,7 @@ class Engine:
         if points < 0:
             state.clean_since = t
             state.steps = 0
+            c.dirty = True  # capital lower than foreseen: something may come sooner
             for field in rule.recovered_by:
                 link = _link(ev.get(field))
                 if link is not None:
@@ -678,25 +727,22 @@ class Engine:
                 continue
             if c.windows is None:
                 c.windows = {}
-            window = c.windows.get(rec.name)
-            if window is None:
-                window = c.windows[rec.name] = ([], [])
-            times, amounts = window
+            times, amounts = c.windows.get(rec.name, ((), ()))
             amount = ev.props.get("amount")
             amount = amount if isinstance(amount, int | float) and not isinstance(
                 amount, bool) else 0.0
-            times.append(t)
-            amounts.append(float(amount))
+            times = (*times, t)
+            amounts = (*amounts, float(amount))
             if rec.within is not None:
-                stale = _drop_until(times, lambda at, edge=t - rec.within: at > edge)
-                del amounts[:stale]
+                kept = _recent(times, t - rec.within, from_edge=False)
+                amounts = amounts[len(times) - len(kept):]
+                times = kept
+            c.windows[rec.name] = (times, amounts)
             count = len(times)
             total = sum(amounts)
             if (rec.purchases is not None and count >= rec.purchases) or (
                     rec.spent is not None and total >= rec.spent):
-                if c.rewarded is None:
-                    c.rewarded = set()
-                c.rewarded.add(rec.name)
+                c.rewarded = (*(c.rewarded or ()), rec.name)
                 del c.windows[rec.name]
                 made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
                                          extra={"purchases": count, "spent": total}))
@@ -748,6 +794,7 @@ class Engine:
             else:
                 high = min(high, level.below + level.rearm)
         c.calm_low, c.calm_high = low, high
+        c.dirty = True
 
     def _fire(self, c: Customer, index: int, t: float, at: datetime, trigger: str
               ) -> list[Decision]:
@@ -774,23 +821,20 @@ class Engine:
             elif action.kind == "marketing" and not c.consent:
                 status, reason = SUPPRESSED, "consent"
             elif pressure is not None and action.kind in pressure.kinds:
-                window = c.pressure
-                if window is None:
-                    window = c.pressure = []
-                _drop_until(window, lambda at, edge=t - pressure.per: at > edge)
+                window = _recent(c.pressure or (), t - pressure.per, from_edge=False)
                 if len(window) >= pressure.max:
                     status, reason = SUPPRESSED, "pressure"
                 else:
-                    window.append(t)
+                    window = (*window, t)
+                c.pressure = window
             params = {**action.params, **ref.params}
             if extra:
                 params = {**extra, **params}
-            decision = Decision(
-                id=did, customer=c.id, rule=cause,
-                action=ref.name, params=params, at=at, kind=action.kind, via=action.via,
-                trigger=trigger, status=status, reason=reason)
-            c.decisions[decision.id] = decision
-            made.append(decision)
+            # the fields of Decision, in order
+            row = (did, c.id, cause, ref.name, tuple(params.items()), at, action.kind,
+                   action.via, trigger, status, reason)
+            c.decisions[did] = row
+            made.append(decision_of(row))
         return made
 
     # -- replays and the schedule ----------------------------------------------------
@@ -826,7 +870,7 @@ class Engine:
         ledger: list[LedgerEntry] = []
         fresh, result = self._rebuild(c.id, [*self._history(c), row], horizon=c.horizon,
                                       watch=row, ledger=ledger)
-        new = self._reconcile(c.decisions or {}, fresh)
+        new = self._reconcile(decided(c), fresh)
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
         self._recomputed(fresh, ledger)
@@ -847,9 +891,10 @@ class Engine:
         In memory, what was decided before stays as it was: its outcome was already
         returned to the caller, who may have acted on it.
         """
-        new = [d for did, d in (fresh.decisions or {}).items() if did not in known]
+        new = [decision_of(row) for did, row in (fresh.decisions or {}).items()
+               if did not in known]
         if known:
-            fresh.decisions = {**(fresh.decisions or {}), **known}
+            fresh.decisions = {**(fresh.decisions or {}), **decision_rows(known)}
         return new
 
     def _undo(self, c: Customer, mark: int, decided: int) -> None:

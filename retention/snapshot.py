@@ -13,12 +13,16 @@ import marshal
 import pickle
 from typing import Any
 
+import attrs
+
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import Customer, _Taken
+from .engine import Customer, _Taken, decision_row
 from .models import Decision
 from .times import fixed_offset, from_micros
 
 _MARSHAL, _PICKLE = b"M", b"P"
+#: where a decision's time is in the tuple of its fields (params just before it)
+_AT = [field.name for field in attrs.fields(Decision)].index("at")
 _new = object.__new__
 
 #: encoded fade -> the fade object, shared by every penalty that uses it
@@ -60,19 +64,19 @@ def _penalty_in(row: tuple[Any, ...]) -> Penalty:
     return p
 
 
-def _decision_out(d: Decision) -> tuple[Any, ...]:
-    offset = fixed_offset(d.at)
+def _decision_out(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A decision as a customer keeps it (see ``engine.decision_of``), time as numbers."""
+    at = row[_AT]
+    offset = fixed_offset(at)
     if offset is None:
         raise _Unfit("time zone")
-    micros = round(d.at.timestamp() * 1e6)
-    return (d.id, d.customer, d.rule, d.action, dict(d.params), micros, offset, d.kind, d.via,
-            d.trigger, d.status, d.reason)
+    micros = round(at.timestamp() * 1e6)
+    return (*row[:_AT - 1], dict(row[_AT - 1]), micros, offset, *row[_AT + 1:])
 
 
-def _decision_in(row: tuple[Any, ...]) -> Decision:
-    d = _new(Decision)
-    d.__setstate__((*row[:5], from_micros(row[5], row[6]), *row[7:]))
-    return d
+def _decision_in(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (*row[:_AT - 1], tuple(row[_AT - 1].items()), from_micros(row[_AT], row[_AT + 1]),
+            *row[_AT + 2:])
 
 
 def _taken_out(t: _Taken) -> tuple[Any, ...]:
@@ -110,7 +114,11 @@ def encode(c: Customer) -> bytes:
 def decode(blob: bytes) -> Customer:
     """The customer ``encode`` gave these bytes for."""
     if blob[:1] == _PICKLE:
-        return pickle.loads(blob[1:])
+        c = pickle.loads(blob[1:])
+        if c.decisions:  # a snapshot written when decisions were kept as objects
+            c.decisions = {did: decision_row(d) if isinstance(d, Decision) else d
+                           for did, d in c.decisions.items()}
+        return c
     v = marshal.loads(blob[1:])
     state = v[3]
     if state is not None:

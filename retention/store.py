@@ -42,7 +42,16 @@ import attrs
 import sqlite_utils
 
 from .capital import capital_at
-from .engine import Customer, Engine, _moment, _pack, _unpack, decision_id
+from .engine import (
+    Customer,
+    Engine,
+    _moment,
+    _pack,
+    _unpack,
+    decided,
+    decision_id,
+    decision_rows,
+)
 from .errors import EventError, LineError, RetentionError
 from .models import (
     Decision,
@@ -444,7 +453,7 @@ class StoredEngine(Engine):
                 ledger = []
                 self._rebuild(cid, self._history(c), horizon=-math.inf, ledger=ledger)
             self._insert_ledger(ledger)
-            self._upsert_decisions((c.decisions or {}).values())
+            self._upsert_decisions(decided(c).values())
         rules = self._rules
         rows = []
         for cid in touched:
@@ -513,7 +522,7 @@ class StoredEngine(Engine):
         known decision it no longer makes leaves the outbox, and one it still makes
         is written as it now is. A decision that was delivered stays as it was, and
         one kept under another id (a merged alias) keeps that id."""
-        truth = fresh.decisions or {}
+        truth = decided(fresh)
         merged: dict[str, Decision] = {}
         for did, d in truth.items():
             old = known.get(did)
@@ -528,7 +537,7 @@ class StoredEngine(Engine):
                 else:
                     self._drop.add(d.id)
         self._drop.difference_update(d.id for d in merged.values())
-        fresh.decisions = merged or None
+        fresh.decisions = decision_rows(merged) or None
         self._rewrite.add(fresh.id)
         return [d for did, d in truth.items() if did not in known]
 
@@ -804,9 +813,9 @@ class StoredEngine(Engine):
         horizon = gone.horizon
         if keep is not None:
             rows.extend(self._history(keep))
-            known.update(keep.decisions or {})
+            known.update(decided(keep))
             horizon = max(horizon, keep.horizon)
-        for d in (gone.decisions or {}).values():
+        for d in decided(gone).values():
             # the same cause, trigger and action, seen from the merged customer
             key = decision_id(canonical, d.rule, d.trigger, d.action)
             kept = known.get(key)
@@ -977,7 +986,7 @@ class StoredEngine(Engine):
                             fresh = self._rebuild(cid, self._history(old),
                                                   horizon=max(old.horizon, ticked))[0]
                             # the outbox follows the new history, as after a late event
-                            self._reconcile(old.decisions or {}, fresh)
+                            self._reconcile(decided(old), fresh)
                             self._customers[cid] = fresh
                             self._schedule(fresh)
                             self._rewrite.add(cid)

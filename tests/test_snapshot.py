@@ -55,3 +55,51 @@ actions:
     blob = encode(original)
     assert blob[:1] == b"P"  # a decision at a time in a zone with rules
     assert deep(decode(blob)) == deep(original)
+
+
+def _earlier_form(c):
+    """A customer as snapshots written before held it: windows, repeat and pressure
+    times as lists, granted rewards as a set, decisions as objects."""
+    from retention.engine import decided
+
+    old = attrs.evolve(c)
+    old.windows = {k: (list(t), list(a)) for k, (t, a) in (c.windows or {}).items()} or None
+    old.repeats = {k: list(v) for k, v in (c.repeats or {}).items()} or None
+    old.pressure = None if c.pressure is None else list(c.pressure)
+    old.rewarded = None if c.rewarded is None else set(c.rewarded)
+    old.decisions = decided(c) or None
+    return old
+
+
+def test_snapshots_in_the_earlier_form_still_load():
+    import pickle
+
+    from retention.snapshot import _PICKLE
+
+    engine = Engine.from_path("examples/rules/retail.yaml")
+    for i in range(14):
+        engine.process({"id": f"e{i}", "customer": "c", "type": "purchase", "amount": 60,
+                        "sku": "diapers-x", "at": f"2026-01-{i + 1:02d}T10:00:00+00:00"})
+    for i, kind in enumerate(("billing_error", "billing_error", "review")):
+        engine.process({"id": f"x{i}", "customer": "c", "type": kind, "rating": 5,
+                        "text": "kind words, long enough to count",
+                        "at": f"2026-02-{i + 1:02d}T10:00:00+00:00"})
+    current = engine._customers["c"]
+    assert current.windows is not None or current.rewarded  # the reward bookkeeping is there
+    assert current.repeats and current.pressure and current.decisions
+    legacy = _earlier_form(current)
+    with_objects = _PICKLE + pickle.dumps(legacy)
+    decisions_as_objects = attrs.evolve(legacy, decisions=None)
+    for blob in (encode(decisions_as_objects), with_objects):
+        back = decode(blob)
+        if back.decisions is None:
+            back.decisions = dict(current.decisions)
+        # what comes back carries on exactly as the current form does
+        twin = Engine.from_path("examples/rules/retail.yaml")
+        twin._customers["c"] = back
+        mine = Engine.from_path("examples/rules/retail.yaml")
+        mine._customers["c"] = decode(encode(current))
+        later = {"id": "late", "customer": "c", "type": "billing_error",
+                 "at": "2026-02-10T10:00:00+00:00"}
+        assert deep(twin.process(later)) == deep(mine.process(later))
+        assert twin.decisions("c") == mine.decisions("c")
