@@ -223,15 +223,19 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
             state.balance = clamp(old - drain, cap.min, cap.max)
             silence = old - state.balance
         state.last_contact = t
-    if state.penalties:
-        keep: list[Penalty] = []
-        for penalty in state.penalties:
-            if penalty.settles_at > t:
-                keep.append(penalty)
-            elif penalty.keep > 0:
-                state.balance = clamp(state.balance - penalty.points * penalty.keep,
-                                      cap.min, cap.max)
-        state.penalties = keep or ()
+    for penalty in state.penalties:
+        if penalty.settles_at <= t:
+            # (a new list only then: one a customer keeps is not made anew at every
+            # event, which would give the cycle collector a new object to walk)
+            keep: list[Penalty] = []
+            for other in state.penalties:
+                if other.settles_at > t:
+                    keep.append(other)
+                elif other.keep > 0:
+                    state.balance = clamp(state.balance - other.points * other.keep,
+                                          cap.min, cap.max)
+            state.penalties = keep or ()
+            break
     # the licence owes nothing more at t: its steps are banked
     value = state.balance
     if not contact and rules.silence is not None:

@@ -18,7 +18,8 @@ import marshal
 import math
 import pickle
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -143,18 +144,22 @@ class Customer:
     purchases: int = 0
     spent: float = 0.0
     consent: bool = True
-    # bookkeeping the rules need, created on first use (most customers need little)
-    # (tuples rather than lists or sets: see ``_recent``)
+    # Bookkeeping the rules need, created on first use (most customers need little).
+    # Kept in what Python's cycle collector does not track (numbers in arrays, tuples
+    # of plain values): it would otherwise walk every customer's bookkeeping at each
+    # full collection, which for a million customers costs more than the events.
     counts: dict[str, int] | None = None
     #: the `after` rewards granted
     rewarded: tuple[str, ...] | None = None
-    #: purchases counted by an `after` reward: their times and amounts
-    windows: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] | None = None
-    repeats: dict[str, tuple[float, ...]] | None = None
+    #: purchases counted by each `after` reward: time, amount, time, amount...
+    windows: dict[str, array[float]] | None = None
+    #: times of the matches of each repeat rule
+    repeats: dict[str, array[float]] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
-    pressure: tuple[float, ...] | None = None
-    #: decisions by id, created with the first one, each kept as the plain tuple of
-    #: its fields (see ``decision_of``)
+    #: times of the decisions that count against the contact pressure
+    pressure: array[float] | None = None
+    #: decisions by id, created with the first one, each as a flat tuple of plain
+    #: values (see ``decision_of``)
     decisions: dict[str, tuple[Any, ...]] | None = None
     next_change: float = math.inf
     #: the time of this customer's live entry in the tick queue
@@ -179,20 +184,25 @@ class Customer:
 _new = object.__new__
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
 _FIELDS = [field.name for field in attrs.fields(Decision)]
-#: where a decision's parameters and status are in the tuple of its fields
-_PARAMS, _STATUS = _FIELDS.index("params"), _FIELDS.index("status")
+_PARAMS = _FIELDS.index("params")
+#: where a decision's status is in the tuple a customer keeps
+_STATUS = _FIELDS.index("status") - 1
+#: a row: the decision's fields but ``params``, in order, then its parameters as
+#: name, value, name, value...
+_ROW = len(_FIELDS) - 1
 
 
 def decision_of(row: tuple[Any, ...]) -> Decision:
-    """The decision a customer keeps as a tuple of its field values, the parameters
-    as a tuple of (name, value) pairs.
+    """The decision a customer keeps as a flat tuple of plain values.
 
-    A tuple of plain values (a dict is not one) is soon untracked by Python's cycle
-    collector, while an object stays tracked: kept as objects, a million decisions
-    would be walked at every full collection.
+    Such a tuple is soon untracked by Python's cycle collector, while an object, a
+    dict, or a tuple made together with a tuple it holds stays tracked: kept as
+    objects, a million decisions would be walked at every full collection.
     """
     d = _new(Decision)
-    _decision_state(d, (*row[:_PARAMS], dict(row[_PARAMS]), *row[_PARAMS + 1:]))
+    _decision_state(d, (*row[:_PARAMS], dict(zip(row[_ROW::2], row[_ROW + 1::2],
+                                                     strict=True)),
+                        *row[_PARAMS:_ROW]))
     return d
 
 
@@ -209,25 +219,22 @@ def decision_rows(decisions: Mapping[str, Decision]) -> dict[str, tuple[Any, ...
 def decision_row(d: Decision) -> tuple[Any, ...]:
     """A decision as a customer keeps it (see ``decision_of``)."""
     row = d.__getstate__()  # type: ignore[attr-defined]
-    return (*row[:_PARAMS], tuple(d.params.items()), *row[_PARAMS + 1:])
+    return (*row[:_PARAMS], *row[_PARAMS + 1:], *itertools.chain.from_iterable(
+        d.params.items()))
 
 
-def _recent(times: Sequence[float], edge: float, *, from_edge: bool) -> tuple[float, ...]:
-    """A time-ordered window without its leading times before ``edge`` (and at it,
-    unless ``from_edge``).
-
-    Windows are tuples, not lists: a tuple of numbers is soon untracked by Python's
-    cycle collector, which otherwise walks every customer's windows at each full
-    collection (a snapshot from before may still hold lists).
-    """
-    start, end = 0, len(times)
+def _trim(window: array[float], edge: float, *, from_edge: bool, stride: int = 1) -> None:
+    """Drop the leading entries of a time-ordered window (a time every ``stride``
+    numbers) before ``edge``, and at it unless ``from_edge``."""
+    start, end = 0, len(window)
     if from_edge:
-        while start < end and times[start] < edge:
-            start += 1
+        while start < end and window[start] < edge:
+            start += stride
     else:
-        while start < end and times[start] <= edge:
-            start += 1
-    return tuple(times[start:])
+        while start < end and window[start] <= edge:
+            start += stride
+    if start:
+        del window[:start]
 
 
 def _link(value: Any) -> Any:
@@ -613,8 +620,10 @@ class Engine:
         if rule.repeat is not None:
             if c.repeats is None:
                 c.repeats = {}
-            window = _recent(c.repeats.get(rule.name, ()), t - rule.repeat.within,
-                             from_edge=True)
+            window = c.repeats.get(rule.name)
+            if window is None:
+                window = c.repeats[rule.name] = array("d")
+            _trim(window, t - rule.repeat.within, from_edge=True)
             earlier = len(window)  # matches in [t - W, t): not those at this same instant
             while earlier and window[earlier - 1] >= t:
                 earlier -= 1
@@ -625,12 +634,15 @@ class Engine:
                     multiplier = _MAX_MULTIPLIER
                 points = max(-_MAX_POINTS, min(_MAX_POINTS, points * multiplier))
                 note = f", repeat #{earlier + 1} (x{multiplier:g})"
-            c.repeats[rule.name] = (*window, t)
+            window.append(t)
         penalty = None
         applied = points
         if points < 0 and rule.fade is not None:
             penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
-            state.penalties = [*state.penalties, penalty]
+            if state.penalties:
+                state.penalties.append(penalty)  # type: ignore[union-attr]
+            else:
+                state.penalties = [penalty]
             reason = rule.reason + note if note else rule.reason
         elif points:
             old = state.balance
@@ -727,19 +739,18 @@ class Engine:
                 continue
             if c.windows is None:
                 c.windows = {}
-            times, amounts = c.windows.get(rec.name, ((), ()))
+            window = c.windows.get(rec.name)
+            if window is None:
+                window = c.windows[rec.name] = array("d")
             amount = ev.props.get("amount")
             amount = amount if isinstance(amount, int | float) and not isinstance(
                 amount, bool) else 0.0
-            times = (*times, t)
-            amounts = (*amounts, float(amount))
+            window.append(t)
+            window.append(amount)
             if rec.within is not None:
-                kept = _recent(times, t - rec.within, from_edge=False)
-                amounts = amounts[len(times) - len(kept):]
-                times = kept
-            c.windows[rec.name] = (times, amounts)
-            count = len(times)
-            total = sum(amounts)
+                _trim(window, t - rec.within, from_edge=False, stride=2)
+            count = len(window) // 2
+            total = sum(window[1::2])
             if (rec.purchases is not None and count >= rec.purchases) or (
                     rec.spent is not None and total >= rec.spent):
                 c.rewarded = (*(c.rewarded or ()), rec.name)
@@ -821,18 +832,20 @@ class Engine:
             elif action.kind == "marketing" and not c.consent:
                 status, reason = SUPPRESSED, "consent"
             elif pressure is not None and action.kind in pressure.kinds:
-                window = _recent(c.pressure or (), t - pressure.per, from_edge=False)
+                window = c.pressure
+                if window is None:
+                    window = c.pressure = array("d")
+                _trim(window, t - pressure.per, from_edge=False)
                 if len(window) >= pressure.max:
                     status, reason = SUPPRESSED, "pressure"
                 else:
-                    window = (*window, t)
-                c.pressure = window
+                    window.append(t)
             params = {**action.params, **ref.params}
             if extra:
                 params = {**extra, **params}
             # the fields of Decision, in order
-            row = (did, c.id, cause, ref.name, tuple(params.items()), at, action.kind,
-                   action.via, trigger, status, reason)
+            row = (did, c.id, cause, ref.name, at, action.kind, action.via, trigger, status,
+                   reason, *itertools.chain.from_iterable(params.items()))
             c.decisions[did] = row
             made.append(decision_of(row))
         return made

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import marshal
 import pickle
+from array import array
+from collections.abc import Sequence
 from typing import Any
 
-import attrs
-
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import Customer, _Taken, decision_row
+from .engine import Customer, _Taken, decision_of, decision_row
 from .models import Decision
 from .times import fixed_offset, from_micros
 
 _MARSHAL, _PICKLE = b"M", b"P"
-#: where a decision's time is in the tuple of its fields (params just before it)
-_AT = [field.name for field in attrs.fields(Decision)].index("at")
 _new = object.__new__
 
 #: encoded fade -> the fade object, shared by every penalty that uses it
@@ -65,18 +63,53 @@ def _penalty_in(row: tuple[Any, ...]) -> Penalty:
 
 
 def _decision_out(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A decision as a customer keeps it (see ``engine.decision_of``), time as numbers."""
-    at = row[_AT]
-    offset = fixed_offset(at)
+    """A decision as a customer keeps it (see ``engine.decision_of``): its fields in
+    order, the time as microseconds and an offset."""
+    d = decision_of(row)
+    offset = fixed_offset(d.at)
     if offset is None:
         raise _Unfit("time zone")
-    micros = round(at.timestamp() * 1e6)
-    return (*row[:_AT - 1], dict(row[_AT - 1]), micros, offset, *row[_AT + 1:])
+    micros = round(d.at.timestamp() * 1e6)
+    return (d.id, d.customer, d.rule, d.action, dict(d.params), micros, offset, d.kind, d.via,
+            d.trigger, d.status, d.reason)
 
 
 def _decision_in(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (*row[:_AT - 1], tuple(row[_AT - 1].items()), from_micros(row[_AT], row[_AT + 1]),
-            *row[_AT + 2:])
+    d = _new(Decision)
+    d.__setstate__((*row[:5], from_micros(row[5], row[6]), *row[7:]))
+    return decision_row(d)
+
+
+def _pairs_out(window: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """An `after` reward's window (time, amount, time, amount...) as (times, amounts)."""
+    return tuple(window[0::2]), tuple(window[1::2])
+
+
+def _pairs_in(times: Sequence[float], amounts: Sequence[float]) -> array[float]:
+    window = array("d")
+    for at, amount in zip(times, amounts, strict=True):
+        window.append(at)
+        window.append(amount)
+    return window
+
+
+def _current(c: Customer) -> Customer:
+    """A customer as the engine keeps it now, from the forms a snapshot written by an
+    earlier version may hold (lists, a set, decisions as objects)."""
+    if c.windows:
+        c.windows = {k: w if isinstance(w, array) else _pairs_in(*w)
+                     for k, w in c.windows.items()}
+    if c.repeats:
+        c.repeats = {k: w if isinstance(w, array) else array("d", w)
+                     for k, w in c.repeats.items()}
+    if c.pressure is not None and not isinstance(c.pressure, array):
+        c.pressure = array("d", c.pressure)
+    if c.rewarded is not None and not isinstance(c.rewarded, tuple):
+        c.rewarded = tuple(sorted(c.rewarded))
+    if c.decisions:
+        c.decisions = {did: decision_row(d) if isinstance(d, Decision) else d
+                       for did, d in c.decisions.items()}
+    return c
 
 
 def _taken_out(t: _Taken) -> tuple[Any, ...]:
@@ -99,10 +132,11 @@ def encode(c: Customer) -> bytes:
             tuple(_penalty_out(p) for p in s.penalties))
         values = (
             c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
-            c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded, c.windows,
-            c.repeats,
+            c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded,
+            None if c.windows is None else {k: _pairs_out(w) for k, w in c.windows.items()},
+            None if c.repeats is None else {k: tuple(w) for k, w in c.repeats.items()},
             None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
-            c.pressure,
+            None if c.pressure is None else tuple(c.pressure),
             None if c.decisions is None else {k: _decision_out(d)
                                               for k, d in c.decisions.items()},
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
@@ -114,11 +148,7 @@ def encode(c: Customer) -> bytes:
 def decode(blob: bytes) -> Customer:
     """The customer ``encode`` gave these bytes for."""
     if blob[:1] == _PICKLE:
-        c = pickle.loads(blob[1:])
-        if c.decisions:  # a snapshot written when decisions were kept as objects
-            c.decisions = {did: decision_row(d) if isinstance(d, Decision) else d
-                           for did, d in c.decisions.items()}
-        return c
+        return _current(pickle.loads(blob[1:]))
     v = marshal.loads(blob[1:])
     state = v[3]
     if state is not None:
@@ -126,9 +156,6 @@ def decode(blob: bytes) -> Customer:
         penalties = [_penalty_in(p) for p in state[5]] if state[5] else ()
         s.__setstate__((*state[:5], penalties))
         state = s
-    windows = v[13]
-    if windows is not None:
-        windows = {k: tuple(w) for k, w in windows.items()}
     taken = v[15]
     if taken is not None:
         taken = {k: _taken_in(t) for k, t in taken.items()}
@@ -137,5 +164,5 @@ def decode(blob: bytes) -> Customer:
         decisions = {k: _decision_in(d) for k, d in decisions.items()}
     c = _new(Customer)
     c.__setstate__((v[0], bytearray(v[1]), v[2], state, bytearray(v[4]), bytearray(v[5]),
-                    *v[6:13], windows, v[14], taken, v[16], decisions, *v[18:]))
-    return c
+                    *v[6:15], taken, v[16], decisions, *v[18:]))
+    return _current(c)

@@ -63,12 +63,26 @@ def _earlier_form(c):
     from retention.engine import decided
 
     old = attrs.evolve(c)
-    old.windows = {k: (list(t), list(a)) for k, (t, a) in (c.windows or {}).items()} or None
+    old.windows = {k: (list(w[0::2]), list(w[1::2])) for k, w in (c.windows or {}).items()
+                   } or None
     old.repeats = {k: list(v) for k, v in (c.repeats or {}).items()} or None
     old.pressure = None if c.pressure is None else list(c.pressure)
     old.rewarded = None if c.rewarded is None else set(c.rewarded)
     old.decisions = decided(c) or None
     return old
+
+
+def _earlier_marshal(blob):
+    """The marshal form of a snapshot as written before: the same layout, with lists
+    where tuples are now written and the granted rewards as a set."""
+    import marshal
+
+    v = list(marshal.loads(blob[1:]))
+    v[12] = None if v[12] is None else set(v[12])
+    v[13] = {k: (list(t), list(a)) for k, (t, a) in v[13].items()}
+    v[14] = {k: list(times) for k, times in v[14].items()}
+    v[16] = list(v[16])
+    return blob[:1] + marshal.dumps(tuple(v))
 
 
 def test_snapshots_in_the_earlier_form_still_load():
@@ -77,7 +91,7 @@ def test_snapshots_in_the_earlier_form_still_load():
     from retention.snapshot import _PICKLE
 
     engine = Engine.from_path("examples/rules/retail.yaml")
-    for i in range(14):
+    for i in range(6):
         engine.process({"id": f"e{i}", "customer": "c", "type": "purchase", "amount": 60,
                         "sku": "diapers-x", "at": f"2026-01-{i + 1:02d}T10:00:00+00:00"})
     for i, kind in enumerate(("billing_error", "billing_error", "review")):
@@ -85,20 +99,16 @@ def test_snapshots_in_the_earlier_form_still_load():
                         "text": "kind words, long enough to count",
                         "at": f"2026-02-{i + 1:02d}T10:00:00+00:00"})
     current = engine._customers["c"]
-    assert current.windows is not None or current.rewarded  # the reward bookkeeping is there
-    assert current.repeats and current.pressure and current.decisions
-    legacy = _earlier_form(current)
-    with_objects = _PICKLE + pickle.dumps(legacy)
-    decisions_as_objects = attrs.evolve(legacy, decisions=None)
-    for blob in (encode(decisions_as_objects), with_objects):
-        back = decode(blob)
-        if back.decisions is None:
-            back.decisions = dict(current.decisions)
-        # what comes back carries on exactly as the current form does
+    assert current.windows and current.repeats and current.pressure and current.decisions
+    blob = encode(current)
+    for earlier in (_earlier_marshal(blob), _PICKLE + pickle.dumps(_earlier_form(current))):
+        back = decode(earlier)
+        assert deep(back) == deep(decode(blob))
+        # and it carries on exactly as the current form does
         twin = Engine.from_path("examples/rules/retail.yaml")
         twin._customers["c"] = back
         mine = Engine.from_path("examples/rules/retail.yaml")
-        mine._customers["c"] = decode(encode(current))
+        mine._customers["c"] = decode(blob)
         later = {"id": "late", "customer": "c", "type": "billing_error",
                  "at": "2026-02-10T10:00:00+00:00"}
         assert deep(twin.process(later)) == deep(mine.process(later))
