@@ -158,9 +158,8 @@ class Customer:
     taken: dict[tuple[str, Any], _Taken] | None = None
     #: times of the decisions that count against the contact pressure
     pressure: array[float] | None = None
-    #: decisions by id, created with the first one, each as a flat tuple of plain
-    #: values (see ``decision_of``)
-    decisions: dict[str, tuple[Any, ...]] | None = None
+    #: decisions by id, created with the first one, as bytes (see ``pack_decision``)
+    decisions: dict[str, bytes] | None = None
     next_change: float = math.inf
     #: the time of this customer's live entry in the tick queue
     scheduled: float = math.inf
@@ -183,44 +182,54 @@ class Customer:
 
 _new = object.__new__
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
-_FIELDS = [field.name for field in attrs.fields(Decision)]
-_PARAMS = _FIELDS.index("params")
-#: where a decision's status is in the tuple a customer keeps
-_STATUS = _FIELDS.index("status") - 1
-#: a row: the decision's fields but ``params``, in order, then its parameters as
-#: name, value, name, value...
-_ROW = len(_FIELDS) - 1
 
 
-def decision_of(row: tuple[Any, ...]) -> Decision:
-    """The decision a customer keeps as a flat tuple of plain values.
+def pack_decision(d: Decision) -> bytes:
+    """A decision as a customer keeps it: bytes.
 
-    Such a tuple is soon untracked by Python's cycle collector, while an object, a
-    dict, or a tuple made together with a tuple it holds stays tracked: kept as
-    objects, a million decisions would be walked at every full collection.
+    Bytes are not tracked by Python's cycle collector, while an object, or a new
+    tuple put in a dict, is, and makes the dict tracked again: a million decisions
+    kept as objects would be walked at every full collection. The marshal form is
+    the fields in order with the time as microseconds and a UTC offset (the form of
+    the store's snapshots since the start); a decision marshal cannot hold (a time
+    zone with rules, an unusual parameter given through the API) is pickled.
     """
+    at = d.at
+    offset = 0 if at.tzinfo is UTC else fixed_offset(at)
+    if offset is not None:
+        try:
+            return _MARSHALLED_DECISION + marshal.dumps((
+                d.id, d.customer, d.rule, d.action, dict(d.params),
+                round(at.timestamp() * 1e6), offset, d.kind, d.via, d.trigger, d.status,
+                d.reason))
+        except ValueError:
+            pass
+    return _PICKLED_DECISION + pickle.dumps(d.__getstate__(),  # type: ignore[attr-defined]
+                                            protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack_decision(blob: bytes) -> Decision:
+    """The decision ``pack_decision`` gave these bytes for."""
     d = _new(Decision)
-    _decision_state(d, (*row[:_PARAMS], dict(zip(row[_ROW::2], row[_ROW + 1::2],
-                                                     strict=True)),
-                        *row[_PARAMS:_ROW]))
+    if blob[:1] == _MARSHALLED_DECISION:
+        row = marshal.loads(blob[1:])
+        _decision_state(d, (*row[:5], from_micros(row[5], row[6]), *row[7:]))
+    else:
+        _decision_state(d, pickle.loads(blob[1:]))
     return d
+
+
+_MARSHALLED_DECISION, _PICKLED_DECISION = b"M", b"P"
 
 
 def decided(c: Customer) -> dict[str, Decision]:
     """A customer's decisions by id, as objects."""
-    return {did: decision_of(row) for did, row in (c.decisions or {}).items()}
+    return {did: unpack_decision(blob) for did, blob in (c.decisions or {}).items()}
 
 
-def decision_rows(decisions: Mapping[str, Decision]) -> dict[str, tuple[Any, ...]]:
+def packed(decisions: Mapping[str, Decision]) -> dict[str, bytes]:
     """Decisions by id, as a customer keeps them."""
-    return {did: decision_row(d) for did, d in decisions.items()}
-
-
-def decision_row(d: Decision) -> tuple[Any, ...]:
-    """A decision as a customer keeps it (see ``decision_of``)."""
-    row = d.__getstate__()  # type: ignore[attr-defined]
-    return (*row[:_PARAMS], *row[_PARAMS + 1:], *itertools.chain.from_iterable(
-        d.params.items()))
+    return {did: pack_decision(d) for did, d in decisions.items()}
 
 
 def _trim(window: array[float], edge: float, *, from_edge: bool, stride: int = 1) -> None:
@@ -504,8 +513,8 @@ class Engine:
         """Decisions made so far (of one customer, or all), oldest first."""
         pool = ([self._customers[customer]] if customer in self._customers else []
                 ) if customer is not None else self._customers.values()
-        found = [decision_of(row) for c in pool if c.decisions for row in c.decisions.values()
-                 if status is None or row[_STATUS] == status]
+        found = [d for c in pool for d in decided(c).values()
+                 if status is None or d.status == status]
         found.sort(key=lambda d: (d.at, d.id))
         return found
 
@@ -843,11 +852,12 @@ class Engine:
             params = {**action.params, **ref.params}
             if extra:
                 params = {**extra, **params}
-            # the fields of Decision, in order
-            row = (did, c.id, cause, ref.name, at, action.kind, action.via, trigger, status,
-                   reason, *itertools.chain.from_iterable(params.items()))
-            c.decisions[did] = row
-            made.append(decision_of(row))
+            decision = Decision(
+                id=did, customer=c.id, rule=cause,
+                action=ref.name, params=params, at=at, kind=action.kind, via=action.via,
+                trigger=trigger, status=status, reason=reason)
+            c.decisions[did] = pack_decision(decision)
+            made.append(decision)
         return made
 
     # -- replays and the schedule ----------------------------------------------------
@@ -904,10 +914,9 @@ class Engine:
         In memory, what was decided before stays as it was: its outcome was already
         returned to the caller, who may have acted on it.
         """
-        new = [decision_of(row) for did, row in (fresh.decisions or {}).items()
-               if did not in known]
+        new = [d for did, d in decided(fresh).items() if did not in known]
         if known:
-            fresh.decisions = {**(fresh.decisions or {}), **decision_rows(known)}
+            fresh.decisions = {**(fresh.decisions or {}), **packed(known)}
         return new
 
     def _undo(self, c: Customer, mark: int, decided: int) -> None:

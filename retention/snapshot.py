@@ -2,9 +2,10 @@
 
 Plain values go through marshal: a nested tuple of numbers, strings, lists and
 dicts encodes and decodes several times faster than pickling the objects
-themselves, and is smaller. A state holding something marshal cannot carry (a
-decision parameter of an unusual type, a time zone with rules) is pickled
-whole instead; the first byte says which.
+themselves, and is smaller. A state holding something marshal cannot carry is
+pickled whole instead; the first byte says which. (Events and decisions are
+kept as bytes already, marshalled or pickled one by one: see ``engine._pack``
+and ``engine.pack_decision``.)
 """
 
 from __future__ import annotations
@@ -16,9 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import Customer, _Taken, decision_of, decision_row
+from .engine import _MARSHALLED_DECISION, Customer, _Taken, pack_decision
 from .models import Decision
-from .times import fixed_offset, from_micros
 
 _MARSHAL, _PICKLE = b"M", b"P"
 _new = object.__new__
@@ -62,22 +62,10 @@ def _penalty_in(row: tuple[Any, ...]) -> Penalty:
     return p
 
 
-def _decision_out(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    """A decision as a customer keeps it (see ``engine.decision_of``): its fields in
-    order, the time as microseconds and an offset."""
-    d = decision_of(row)
-    offset = fixed_offset(d.at)
-    if offset is None:
-        raise _Unfit("time zone")
-    micros = round(d.at.timestamp() * 1e6)
-    return (d.id, d.customer, d.rule, d.action, dict(d.params), micros, offset, d.kind, d.via,
-            d.trigger, d.status, d.reason)
-
-
-def _decision_in(row: tuple[Any, ...]) -> tuple[Any, ...]:
-    d = _new(Decision)
-    d.__setstate__((*row[:5], from_micros(row[5], row[6]), *row[7:]))
-    return decision_row(d)
+def _decision_in(kept: bytes | tuple[Any, ...]) -> bytes:
+    """A decision as the customer keeps it, from a snapshot: bytes since decisions
+    are kept so, before that the tuple these bytes marshal."""
+    return kept if isinstance(kept, bytes) else _MARSHALLED_DECISION + marshal.dumps(kept)
 
 
 def _pairs_out(window: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -106,8 +94,8 @@ def _current(c: Customer) -> Customer:
         c.pressure = array("d", c.pressure)
     if c.rewarded is not None and not isinstance(c.rewarded, tuple):
         c.rewarded = tuple(sorted(c.rewarded))
-    if c.decisions:
-        c.decisions = {did: decision_row(d) if isinstance(d, Decision) else d
+    if c.decisions:  # (kept as objects before)
+        c.decisions = {did: pack_decision(d) if isinstance(d, Decision) else d
                        for did, d in c.decisions.items()}
     return c
 
@@ -137,8 +125,7 @@ def encode(c: Customer) -> bytes:
             None if c.repeats is None else {k: tuple(w) for k, w in c.repeats.items()},
             None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
             None if c.pressure is None else tuple(c.pressure),
-            None if c.decisions is None else {k: _decision_out(d)
-                                              for k, d in c.decisions.items()},
+            c.decisions,
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
         return _MARSHAL + marshal.dumps(values)
     except (_Unfit, ValueError):

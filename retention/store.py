@@ -50,7 +50,7 @@ from .engine import (
     _unpack,
     decided,
     decision_id,
-    decision_rows,
+    packed,
 )
 from .errors import EventError, LineError, RetentionError
 from .models import (
@@ -537,7 +537,7 @@ class StoredEngine(Engine):
                 else:
                     self._drop.add(d.id)
         self._drop.difference_update(d.id for d in merged.values())
-        fresh.decisions = decision_rows(merged) or None
+        fresh.decisions = packed(merged) or None
         self._rewrite.add(fresh.id)
         return [d for did, d in truth.items() if did not in known]
 
