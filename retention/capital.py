@@ -206,22 +206,41 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
     and the silence drain banked (what the bounds let through), and
     ``capital_at(t)`` itself, summed in the order :func:`raw_capital` sums it (so
-    to the last bit the same)."""
+    to the last bit the same).
+
+    The hot path of every event: :func:`licence_due` and :func:`silence_due` are
+    written out here, with the same arithmetic.
+    """
     cap = rules.capital
-    licence = 0.0
-    if rules.licence is not None:
-        owed, state.steps = licence_due(state, rules, t)
-        if owed:
+    low, high = cap.min, cap.max
+    banked = 0.0
+    licence = rules.licence
+    if licence is not None:
+        steps = int((t - state.clean_since) // licence.clean_for)
+        if steps > state.steps:
             old = state.balance
-            state.balance = clamp(old + owed, cap.min, cap.max)
-            licence = state.balance - old
-    silence = 0.0
+            room = licence.up_to - old
+            if room > 0:
+                owed = licence.points * (steps - state.steps)
+                if owed >= room:
+                    owed = room
+                if owed:
+                    new = old + owed
+                    state.balance = low if new < low else high if new > high else new
+                    banked = state.balance - old
+            state.steps = steps
+    drained = 0.0
+    silence = rules.silence
     if contact:
-        drain = silence_due(state, rules, t)
-        if drain:
-            old = state.balance
-            state.balance = clamp(old - drain, cap.min, cap.max)
-            silence = old - state.balance
+        if silence is not None and silence.rate_per_day > 0:
+            idle = (t - state.last_contact - silence.after) / DAY
+            if idle > 0:
+                drain = silence.rate_per_day * idle
+                if drain:
+                    old = state.balance
+                    new = old - drain
+                    state.balance = low if new < low else high if new > high else new
+                    drained = old - state.balance
         state.last_contact = t
     for penalty in state.penalties:
         if penalty.settles_at <= t:
@@ -233,19 +252,19 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
                     keep.append(other)
                 elif other.keep > 0:
                     state.balance = clamp(state.balance - other.points * other.keep,
-                                          cap.min, cap.max)
+                                          low, high)
             state.penalties = keep or ()
             break
     # the licence owes nothing more at t: its steps are banked
     value = state.balance
-    if not contact and rules.silence is not None:
-        idle = t - state.last_contact - rules.silence.after
+    if not contact and silence is not None:
+        idle = t - state.last_contact - silence.after
         if idle > 0:
-            value -= rules.silence.rate_per_day * idle / DAY
+            value -= silence.rate_per_day * idle / DAY
     for penalty in state.penalties:
         share = penalty.fade.share(t - penalty.t0)
         value -= penalty.points * (share if share > penalty.keep else penalty.keep)
-    return licence, silence, clamp(value, cap.min, cap.max)
+    return banked, drained, low if value < low else high if value > high else value
 
 
 # -- time-driven level crossings -----------------------------------------------------

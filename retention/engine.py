@@ -9,6 +9,7 @@ from their events, and the result is the same as if it had come in order.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import heapq
@@ -181,6 +182,8 @@ class Customer:
 
 
 _new = object.__new__
+#: a ledger entry from the tuple of its fields in order, without the keyword call
+_entry = functools.partial(tuple.__new__, LedgerEntry)
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
 
 
@@ -419,12 +422,13 @@ class Engine:
             customer = self._customers[ev.customer]
             customer.dirty = True
         seen[ev.id] = None
-        # An event that took no points and moved no level leaves future capital at or
-        # above what was foreseen, so a still-future schedule stays a valid (early)
-        # one, unless a level waits to re-arm, which a higher capital could bring
-        # sooner.
-        if (customer.dirty or customer.levels_due <= ev.ts or customer.calm_high < _INF
-                or customer.scheduled <= ev.ts):
+        # A schedule only has to be early. An event that took no points and moved no
+        # level leaves future capital at or above what was foreseen, so a
+        # still-future schedule stays valid for firing; re-arming could come sooner
+        # only with points given (``_apply`` marks that), as the planners bound
+        # capital from above with the silence drained when they ran, which a
+        # contact never gives back.
+        if customer.dirty or customer.levels_due <= ev.ts or customer.scheduled <= ev.ts:
             self._schedule(customer)
         return Outcome(event=ev, capital_before=before, capital_after=after,
                        ledger=tuple(ledger), decisions=tuple(decisions))
@@ -614,6 +618,8 @@ class Engine:
                 c.spent += amount
         if plan.rewards:
             decisions.extend(self._recognise(c, ev, view, plan.rewards))
+        if moved and c.calm_high < _INF:
+            c.dirty = True  # points given may bring a level's re-arming sooner
         after = capital_at(state, rules, t) if moved or before is None else before
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
@@ -673,8 +679,8 @@ class Engine:
                     self._remember(c, (rule.name, link),
                                    _Taken(at=t, penalty=penalty, permanent=-applied))
         if reason:
-            ledger.append(LedgerEntry(customer=c.id, rule=rule.name, points=applied, at=ev.at,
-                                      event_id=ev.id, category=rule.category, reason=reason))
+            ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
+                                  reason)))
         if rule.recovery is not None:
             self._recover(c, state, rule, ev, ledger)
 

@@ -126,3 +126,34 @@ def test_ticks_between_events_change_no_decision(text, events, ticks, end):
     assert [(d.id, d.status) for d in along.decisions()] == \
         [(d.id, d.status) for d in at_end.decisions()]
     assert [along.level(c) for c in "ab"] == [at_end.level(c) for c in "ab"]
+
+
+def _first_change(engine: Engine, customer: str) -> float:
+    """When, with no new event, a level first fires or re-arms for ``customer``
+    (searched in full, on a copy). A licence step that moves no level changes
+    nothing a tick does: its points are banked at the next event."""
+    import math
+
+    from retention.capital import level_transitions
+    from retention.snapshot import decode, encode
+
+    c = decode(encode(engine._customers[customer]))
+    if c.state is None:
+        return math.inf
+    far = c.level_time + 20 * 365 * 86400.0
+    moves = level_transitions(c.state, engine.rules, c.armed, c.level_time, far,
+                              include_end=True)
+    return min([at for at, _, _ in moves] + [math.inf])
+
+
+@given(rule_files(), event_streams())
+def test_the_schedule_is_never_late(text, events):
+    """``next_change`` may come early (a tick then only plans again), never late: after
+    every event, no level fires or re-arms for the customer before it."""
+    engine = engine_for(text)
+    for event in events:
+        outcome = engine.process(event)
+        if outcome.duplicate:
+            continue
+        customer = event["customer"]
+        assert engine.next_change(customer) <= _first_change(engine, customer) + 1e-3
