@@ -19,7 +19,6 @@ import marshal
 import math
 import pickle
 import struct
-from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,19 +145,20 @@ class Customer:
     spent: float = 0.0
     consent: bool = True
     # Bookkeeping the rules need, created on first use (most customers need little).
-    # Kept in what Python's cycle collector does not track (numbers in arrays, tuples
-    # of plain values): it would otherwise walk every customer's bookkeeping at each
-    # full collection, which for a million customers costs more than the events.
+    # Kept in what Python's cycle collector does not track (numbers packed in a
+    # bytearray, changed in place; tuples of plain values): it would otherwise walk
+    # every customer's bookkeeping at each full collection, which for a million
+    # customers costs more than the events. (See ``_trim`` for the windows.)
     counts: dict[str, int] | None = None
     #: the `after` rewards granted
     rewarded: tuple[str, ...] | None = None
     #: purchases counted by each `after` reward: time, amount, time, amount...
-    windows: dict[str, array[float]] | None = None
+    windows: dict[str, bytearray] | None = None
     #: times of the matches of each repeat rule
-    repeats: dict[str, array[float]] | None = None
+    repeats: dict[str, bytearray] | None = None
     taken: dict[tuple[str, Any], _Taken] | None = None
     #: times of the decisions that count against the contact pressure
-    pressure: array[float] | None = None
+    pressure: bytearray | None = None
     #: decisions by id, created with the first one, as bytes (see ``pack_decision``)
     decisions: dict[str, bytes] | None = None
     next_change: float = math.inf
@@ -235,16 +235,29 @@ def packed(decisions: Mapping[str, Decision]) -> dict[str, bytes]:
     return {did: pack_decision(d) for did, d in decisions.items()}
 
 
-def _trim(window: array[float], edge: float, *, from_edge: bool, stride: int = 1) -> None:
+#: a window of times (and amounts) is a bytearray of doubles
+_DOUBLE = struct.Struct("d")
+_double = _DOUBLE.pack
+_two_doubles = struct.Struct("dd").pack
+_double_at = _DOUBLE.unpack_from
+
+
+def doubles(window: bytes | bytearray) -> tuple[float, ...]:
+    """The numbers a window holds."""
+    return struct.unpack(f"{len(window) // 8}d", window)
+
+
+def _trim(window: bytearray, edge: float, *, from_edge: bool, stride: int = 1) -> None:
     """Drop the leading entries of a time-ordered window (a time every ``stride``
     numbers) before ``edge``, and at it unless ``from_edge``."""
+    step = 8 * stride
     start, end = 0, len(window)
     if from_edge:
-        while start < end and window[start] < edge:
-            start += stride
+        while start < end and _double_at(window, start)[0] < edge:
+            start += step
     else:
-        while start < end and window[start] <= edge:
-            start += stride
+        while start < end and _double_at(window, start)[0] <= edge:
+            start += step
     if start:
         del window[:start]
 
@@ -637,10 +650,10 @@ class Engine:
                 c.repeats = {}
             window = c.repeats.get(rule.name)
             if window is None:
-                window = c.repeats[rule.name] = array("d")
+                window = c.repeats[rule.name] = bytearray()
             _trim(window, t - rule.repeat.within, from_edge=True)
-            earlier = len(window)  # matches in [t - W, t): not those at this same instant
-            while earlier and window[earlier - 1] >= t:
+            earlier = len(window) // 8  # matches in [t - W, t): not those at this instant
+            while earlier and _double_at(window, 8 * (earlier - 1))[0] >= t:
                 earlier -= 1
             if earlier:
                 try:
@@ -649,7 +662,7 @@ class Engine:
                     multiplier = _MAX_MULTIPLIER
                 points = max(-_MAX_POINTS, min(_MAX_POINTS, points * multiplier))
                 note = f", repeat #{earlier + 1} (x{multiplier:g})"
-            window.append(t)
+            window += _double(t)
         penalty = None
         applied = points
         if points < 0 and rule.fade is not None:
@@ -756,16 +769,15 @@ class Engine:
                 c.windows = {}
             window = c.windows.get(rec.name)
             if window is None:
-                window = c.windows[rec.name] = array("d")
+                window = c.windows[rec.name] = bytearray()
             amount = ev.props.get("amount")
             amount = amount if isinstance(amount, int | float) and not isinstance(
                 amount, bool) else 0.0
-            window.append(t)
-            window.append(amount)
+            window += _two_doubles(t, amount)
             if rec.within is not None:
                 _trim(window, t - rec.within, from_edge=False, stride=2)
-            count = len(window) // 2
-            total = sum(window[1::2])
+            count = len(window) // 16
+            total = sum(doubles(window)[1::2])
             if (rec.purchases is not None and count >= rec.purchases) or (
                     rec.spent is not None and total >= rec.spent):
                 c.rewarded = (*(c.rewarded or ()), rec.name)
@@ -849,12 +861,12 @@ class Engine:
             elif pressure is not None and action.kind in pressure.kinds:
                 window = c.pressure
                 if window is None:
-                    window = c.pressure = array("d")
+                    window = c.pressure = bytearray()
                 _trim(window, t - pressure.per, from_edge=False)
-                if len(window) >= pressure.max:
+                if len(window) // 8 >= pressure.max:
                     status, reason = SUPPRESSED, "pressure"
                 else:
-                    window.append(t)
+                    window += _double(t)
             params = {**action.params, **ref.params}
             if extra:
                 params = {**extra, **params}

@@ -10,14 +10,15 @@ and ``engine.pack_decision``.)
 
 from __future__ import annotations
 
+import itertools
 import marshal
 import pickle
-from array import array
-from collections.abc import Sequence
+import struct
+from collections.abc import Iterable
 from typing import Any
 
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import _MARSHALLED_DECISION, Customer, _Taken, pack_decision
+from .engine import _MARSHALLED_DECISION, Customer, _Taken, doubles, pack_decision
 from .models import Decision
 
 _MARSHAL, _PICKLE = b"M", b"P"
@@ -68,30 +69,28 @@ def _decision_in(kept: bytes | tuple[Any, ...]) -> bytes:
     return kept if isinstance(kept, bytes) else _MARSHALLED_DECISION + marshal.dumps(kept)
 
 
-def _pairs_out(window: Sequence[float]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _pairs_out(window: bytes) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """An `after` reward's window (time, amount, time, amount...) as (times, amounts)."""
-    return tuple(window[0::2]), tuple(window[1::2])
+    values = doubles(window)
+    return values[0::2], values[1::2]
 
 
-def _pairs_in(times: Sequence[float], amounts: Sequence[float]) -> array[float]:
-    window = array("d")
-    for at, amount in zip(times, amounts, strict=True):
-        window.append(at)
-        window.append(amount)
-    return window
+def _window_in(values: Iterable[float]) -> bytearray:
+    return bytearray(struct.pack(f"{len(values := tuple(values))}d", *values))
 
 
 def _current(c: Customer) -> Customer:
     """A customer as the engine keeps it now, from the forms a snapshot written by an
     earlier version may hold (lists, a set, decisions as objects)."""
     if c.windows:
-        c.windows = {k: w if isinstance(w, array) else _pairs_in(*w)
-                     for k, w in c.windows.items()}
+        c.windows = {k: w if isinstance(w, bytearray) else _window_in(
+            itertools.chain.from_iterable(zip(*w, strict=True)))
+            for k, w in c.windows.items()}
     if c.repeats:
-        c.repeats = {k: w if isinstance(w, array) else array("d", w)
+        c.repeats = {k: w if isinstance(w, bytearray) else _window_in(w)
                      for k, w in c.repeats.items()}
-    if c.pressure is not None and not isinstance(c.pressure, array):
-        c.pressure = array("d", c.pressure)
+    if c.pressure is not None and not isinstance(c.pressure, bytearray):
+        c.pressure = _window_in(c.pressure)
     if c.rewarded is not None and not isinstance(c.rewarded, tuple):
         c.rewarded = tuple(sorted(c.rewarded))
     if c.decisions:  # (kept as objects before)
@@ -122,9 +121,9 @@ def encode(c: Customer) -> bytes:
             c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
             c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded,
             None if c.windows is None else {k: _pairs_out(w) for k, w in c.windows.items()},
-            None if c.repeats is None else {k: tuple(w) for k, w in c.repeats.items()},
+            None if c.repeats is None else {k: doubles(w) for k, w in c.repeats.items()},
             None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
-            None if c.pressure is None else tuple(c.pressure),
+            None if c.pressure is None else doubles(c.pressure),
             c.decisions,
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
         return _MARSHAL + marshal.dumps(values)

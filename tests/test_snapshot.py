@@ -64,13 +64,13 @@ actions:
 def _earlier_form(c):
     """A customer as snapshots written before held it: windows, repeat and pressure
     times as lists, granted rewards as a set, decisions as objects."""
-    from retention.engine import decided
+    from retention.engine import decided, doubles
 
     old = attrs.evolve(c)
-    old.windows = {k: (list(w[0::2]), list(w[1::2])) for k, w in (c.windows or {}).items()
-                   } or None
-    old.repeats = {k: list(v) for k, v in (c.repeats or {}).items()} or None
-    old.pressure = None if c.pressure is None else list(c.pressure)
+    old.windows = {k: (list(doubles(w)[0::2]), list(doubles(w)[1::2]))
+                   for k, w in (c.windows or {}).items()} or None
+    old.repeats = {k: list(doubles(v)) for k, v in (c.repeats or {}).items()} or None
+    old.pressure = None if c.pressure is None else list(doubles(c.pressure))
     old.rewarded = None if c.rewarded is None else set(c.rewarded)
     old.decisions = decided(c) or None
     return old
