@@ -75,6 +75,9 @@ APPLICATION_ID = 0x5245544E
 MAX_PROBLEMS = 1000
 #: events per transaction by default
 BATCH = 10_000
+#: SQLite's page cache per connection (KiB): bounded, whatever the number of
+#: customers stored
+CACHE_KIB = 65_536
 #: customers loaded or written per statement (under SQLite's variable limit)
 _CHUNK = 500
 
@@ -275,6 +278,7 @@ class StoredEngine(Engine):
             # deleted rows are overwritten, so a forgotten customer leaves no trace
             conn.execute("PRAGMA secure_delete=ON")
             conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         except StoreError:
             conn.close()
             raise
