@@ -419,7 +419,7 @@ def _csv_event(header: list[str], line: str) -> dict[str, Any] | LineError:
 @click.option("--source", help="Source of events that name none (default: none).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]),
               help="Input format (default: by extension; JSON Lines for standard input).")
-@click.option("--batch", "batch_size", type=click.IntRange(1), default=10_000, show_default=True,
+@click.option("--batch", "batch_size", type=click.IntRange(1), default=50_000, show_default=True,
               help="Events per transaction.")
 @click.argument("files", nargs=-1, required=True)
 def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import _MARSHALLED_DECISION, Customer, _Taken, doubles, pack_decision
+from .engine import _MARSHALLED_DECISION, Customer, _Taken, pack_decision
 from .models import Decision
 
 _MARSHAL, _PICKLE = b"M", b"P"
@@ -63,39 +63,45 @@ def _penalty_in(row: tuple[Any, ...]) -> Penalty:
     return p
 
 
-def _decision_in(kept: bytes | tuple[Any, ...]) -> bytes:
+def _decision_in(kept: bytes | tuple[Any, ...] | Decision) -> bytes:
     """A decision as the customer keeps it, from a snapshot: bytes since decisions
-    are kept so, before that the tuple these bytes marshal."""
-    return kept if isinstance(kept, bytes) else _MARSHALLED_DECISION + marshal.dumps(kept)
-
-
-def _pairs_out(window: bytes) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """An `after` reward's window (time, amount, time, amount...) as (times, amounts)."""
-    values = doubles(window)
-    return values[0::2], values[1::2]
+    are kept so; before that the tuple these bytes marshal, or (pickled) the object."""
+    if isinstance(kept, bytes):
+        return kept
+    if isinstance(kept, Decision):
+        return pack_decision(kept)
+    return _MARSHALLED_DECISION + marshal.dumps(kept)
 
 
 def _window_in(values: Iterable[float]) -> bytearray:
     return bytearray(struct.pack(f"{len(values := tuple(values))}d", *values))
 
 
+def _times_in(kept: bytes | Iterable[float]) -> bytearray:
+    """A window of times from a snapshot: its bytes, or (written before) its numbers."""
+    return bytearray(kept) if isinstance(kept, bytes | bytearray) else _window_in(kept)
+
+
+def _pairs_in(kept: bytes | tuple[Iterable[float], Iterable[float]]) -> bytearray:
+    """An `after` reward's window: its bytes, or (written before) (times, amounts)."""
+    if isinstance(kept, bytes | bytearray):
+        return bytearray(kept)
+    return _window_in(itertools.chain.from_iterable(zip(*kept, strict=True)))
+
+
 def _current(c: Customer) -> Customer:
     """A customer as the engine keeps it now, from the forms a snapshot written by an
     earlier version may hold (lists, a set, decisions as objects)."""
     if c.windows:
-        c.windows = {k: w if isinstance(w, bytearray) else _window_in(
-            itertools.chain.from_iterable(zip(*w, strict=True)))
-            for k, w in c.windows.items()}
+        c.windows = {k: _pairs_in(w) for k, w in c.windows.items()}
     if c.repeats:
-        c.repeats = {k: w if isinstance(w, bytearray) else _window_in(w)
-                     for k, w in c.repeats.items()}
-    if c.pressure is not None and not isinstance(c.pressure, bytearray):
-        c.pressure = _window_in(c.pressure)
+        c.repeats = {k: _times_in(w) for k, w in c.repeats.items()}
+    if c.pressure is not None:
+        c.pressure = _times_in(c.pressure)
     if c.rewarded is not None and not isinstance(c.rewarded, tuple):
         c.rewarded = tuple(sorted(c.rewarded))
-    if c.decisions:  # (kept as objects before)
-        c.decisions = {did: pack_decision(d) if isinstance(d, Decision) else d
-                       for did, d in c.decisions.items()}
+    if c.decisions:
+        c.decisions = {did: _decision_in(d) for did, d in c.decisions.items()}
     return c
 
 
@@ -120,10 +126,9 @@ def encode(c: Customer) -> bytes:
         values = (
             c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
             c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded,
-            None if c.windows is None else {k: _pairs_out(w) for k, w in c.windows.items()},
-            None if c.repeats is None else {k: doubles(w) for k, w in c.repeats.items()},
+            c.windows, c.repeats,  # (bytearrays: marshal writes their bytes)
             None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
-            None if c.pressure is None else doubles(c.pressure),
+            c.pressure,
             c.decisions,
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
         return _MARSHAL + marshal.dumps(values)
@@ -142,13 +147,21 @@ def decode(blob: bytes) -> Customer:
         penalties = [_penalty_in(p) for p in state[5]] if state[5] else ()
         s.__setstate__((*state[:5], penalties))
         state = s
-    taken = v[15]
+    rewarded, windows, repeats, taken, pressure, decisions = v[12:18]
+    if rewarded is not None and not isinstance(rewarded, tuple):
+        rewarded = tuple(sorted(rewarded))  # (a set before)
+    if windows is not None:
+        windows = {k: _pairs_in(w) for k, w in windows.items()}
+    if repeats is not None:
+        repeats = {k: _times_in(w) for k, w in repeats.items()}
     if taken is not None:
         taken = {k: _taken_in(t) for k, t in taken.items()}
-    decisions = v[17]
-    if decisions is not None:
-        decisions = {k: _decision_in(d) for k, d in decisions.items()}
+    if pressure is not None:
+        pressure = _times_in(pressure)
+    if decisions is not None and not all(isinstance(d, bytes) for d in decisions.values()):
+        decisions = {k: _decision_in(d) for k, d in decisions.items()}  # (tuples before)
     c = _new(Customer)
     c.__setstate__((v[0], bytearray(v[1]), v[2], state, bytearray(v[4]), bytearray(v[5]),
-                    *v[6:15], taken, v[16], decisions, *v[18:]))
-    return _current(c)
+                    *v[6:12], rewarded, windows, repeats, taken, pressure, decisions,
+                    *v[18:]))
+    return c

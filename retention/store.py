@@ -73,11 +73,13 @@ UNDELIVERED = ("pending", "suppressed", "held_out")
 APPLICATION_ID = 0x5245544E
 #: reasons an ingest report keeps in memory
 MAX_PROBLEMS = 1000
-#: events per transaction by default
-BATCH = 10_000
+#: events per transaction by default: a batch writes every page it touches once
+#: (snapshots, indexes), so bigger batches write less per event; memory holds one
+#: batch and the customers it touches
+BATCH = 50_000
 #: SQLite's page cache per connection (KiB): bounded, whatever the number of
 #: customers stored
-CACHE_KIB = 65_536
+CACHE_KIB = 16_384
 #: customers loaded or written per statement (under SQLite's variable limit)
 _CHUNK = 500
 

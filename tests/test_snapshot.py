@@ -83,16 +83,18 @@ def _as_objects(c):
 
 
 def _earlier_marshal(blob):
-    """The marshal form of a snapshot as written before: the same layout, with lists
-    where tuples are now written, the granted rewards as a set and each decision as
-    the tuple its bytes now marshal."""
+    """The marshal form of a snapshot as written before: the same layout, with the
+    windows as lists of numbers (an `after` reward's as (times, amounts)), the
+    granted rewards as a set and each decision as the tuple its bytes now marshal."""
     import marshal
+
+    from retention.engine import doubles
 
     v = list(marshal.loads(blob[1:]))
     v[12] = None if v[12] is None else set(v[12])
-    v[13] = {k: (list(t), list(a)) for k, (t, a) in v[13].items()}
-    v[14] = {k: list(times) for k, times in v[14].items()}
-    v[16] = list(v[16])
+    v[13] = {k: (list(doubles(w)[0::2]), list(doubles(w)[1::2])) for k, w in v[13].items()}
+    v[14] = {k: list(doubles(times)) for k, times in v[14].items()}
+    v[16] = list(doubles(v[16]))
     v[17] = {k: marshal.loads(kept[1:]) for k, kept in v[17].items()}  # a tuple each
     return blob[:1] + marshal.dumps(tuple(v))
 

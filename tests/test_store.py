@@ -996,3 +996,37 @@ def test_a_long_lived_engine_takes_up_the_rules_another_process_made_active(tmp_
                        {"id": "k3", "customer": "d", "type": "complaint", "at": at.format(4)}])
         assert server.capital("d", at.format(4)) == 20  # the harsh rule, not the mild one
         assert server.capital("c", at.format(4)) == 20  # recomputed by the switch
+
+
+def test_a_version_2_event_log_is_moved_to_the_appended_table(tmp_path):
+    """Migration 3: the event log kept by (source, id) becomes a rowid table; the events
+    stay, duplicates are still known, and ingesting carries on as in a new file."""
+    events = retail_events(600)
+    path = tmp_path / "v2.db"
+    with Engine.open(path, rules=RETAIL) as store:
+        store.ingest(events[:400])
+    conn = sqlite3.connect(path)
+    with conn:  # back to the layout of schema version 2
+        conn.executescript("""
+            CREATE TABLE events_v2 (source TEXT NOT NULL, id TEXT NOT NULL,
+                customer TEXT NOT NULL, type TEXT NOT NULL, at TEXT NOT NULL,
+                ts REAL NOT NULL, props TEXT NOT NULL, PRIMARY KEY (source, id))
+                WITHOUT ROWID;
+            INSERT INTO events_v2 SELECT source, id, customer, type, at, ts, props
+                FROM events;
+            DROP TABLE events;
+            ALTER TABLE events_v2 RENAME TO events;
+            CREATE INDEX events_customer ON events (customer, ts);
+            PRAGMA user_version = 2;
+        """)
+    conn.close()
+    with Engine.open(path) as store:
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == schema_version()
+        columns = [row[1] for row in store.db.execute("PRAGMA table_info(events)")]
+        assert columns[0] == "seq"
+        assert store.ingest(events[:400]).duplicates == 400
+        store.ingest(events[400:])
+        migrated = same_database(store)
+    with Engine.open(tmp_path / "new.db", rules=RETAIL) as fresh:
+        fresh.ingest(events)
+        assert migrated == same_database(fresh)

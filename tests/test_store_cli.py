@@ -804,3 +804,11 @@ def test_a_folder_given_as_input_is_refused_before_anything_is_made(tmp_path):
     failed_cleanly(result, 1)
     assert "a folder, not a file of events" in one_line(result.output)
     assert not (tmp_path / "r.db").exists()
+
+
+def test_ingest_batch_default_is_the_store_default():
+    from retention.cli import ingest
+    from retention.store import BATCH
+
+    (option,) = [p for p in ingest.params if p.name == "batch_size"]
+    assert option.default == BATCH
