@@ -484,11 +484,17 @@ class StoredEngine(Engine):
             " next_change_at = excluded.next_change_at, state = excluded.state", rows)
 
     def _insert_ledger(self, entries: Iterable[LedgerEntry]) -> None:
+        rows = []
+        moment = ts = text = None
+        for e in entries:
+            if e.at is not moment:  # (an event's entries share its time: written once)
+                moment = e.at
+                ts, text = moment.timestamp(), moment.isoformat()
+            rows.append((e.customer, ts, text, e.rule, e.points, e.event_id, e.category,
+                         e.reason))
         self.db.conn.executemany(
             "INSERT INTO ledger (customer, ts, at, rule, points, event_id, category, reason)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            [(e.customer, e.at.timestamp(), e.at.isoformat(), e.rule, e.points, e.event_id,
-              e.category, e.reason) for e in entries])
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
 
     @staticmethod
     def _decision_row(d: Decision) -> tuple[Any, ...]:
