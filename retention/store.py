@@ -240,6 +240,9 @@ class StoredEngine(Engine):
         self._absent: set[str] = set()
         #: customers loaded without their stored events (see ``_ensure_log``)
         self._partial: set[str] = set()
+        #: customer id -> (the customer, its log length, its level time) when last
+        #: planned exactly (see ``_save``)
+        self._planned: dict[str, tuple[Customer, int, float]] = {}
         #: customers merged into another in this batch
         self._gone: set[str] = set()
         #: undelivered decisions a recomputed history no longer makes
@@ -408,6 +411,7 @@ class StoredEngine(Engine):
 
     def _forget_loaded(self) -> None:
         self._customers.clear()
+        self._planned.clear()
         self._absent.clear()
         self._partial.clear()
         self._gone.clear()
@@ -443,6 +447,12 @@ class StoredEngine(Engine):
     def _enqueue(self, c: Customer, when: float) -> None:
         """The store keeps the time in the snapshot (``next_change_at``) instead."""
 
+    def _schedule(self, c: Customer) -> None:
+        Engine._schedule(self, c)
+        # planned exactly for this customer as it is: every change to a customer
+        # appends an event to its log or moves its level time, or makes a new object
+        self._planned[c.id] = (c, len(c.log), c.level_time)
+
     def _save(self, touched: Iterable[str], *, rewrite: Iterable[str] = ()) -> None:
         """Write the snapshots of ``touched``; rewrite the ledger and decisions of
         ``rewrite`` (customers recomputed from their history)."""
@@ -465,9 +475,13 @@ class StoredEngine(Engine):
         for cid in touched:
             c = self._customers[cid]
             # the exact next change, whatever order the events came in (the engine may
-            # keep an earlier, still valid one in memory)
-            c.scheduled = math.inf
-            self._schedule(c)
+            # keep an earlier, still valid one in memory), unless planned since the
+            # customer last changed
+            planned = self._planned.get(cid)
+            if planned is None or planned[0] is not c or planned[1:] != (len(c.log),
+                                                                        c.level_time):
+                c.scheduled = math.inf
+                self._schedule(c)
             capital = None if c.state is None or c.last is None else capital_at(
                 c.state, rules, c.last[0])
             c.log = bytearray()  # the event log holds the events (see _ensure_log)
