@@ -248,7 +248,7 @@ class StoredEngine(Engine):
         #: undelivered decisions a recomputed history no longer makes
         self._drop: set[str] = set()
         #: (source, id) of the events the batch stored
-        self._landed: list[tuple[str, str]] = []
+        self._landed: list[tuple[Any, ...]] = []
         #: the rules in use and their hash, to notice another process's `rules use`
         self._rules_hash: tuple[RuleSet, str] | None = None
         if given is not None:
@@ -700,7 +700,7 @@ class StoredEngine(Engine):
                     # its letters
                     self.db.conn.executemany(
                         "DELETE FROM dead_letters WHERE source = ? AND event_id = ?",
-                        self._landed)
+                        [row[:2] for row in self._landed])
         finally:
             self._forget_loaded()
         report.dead_lettered = len(dead)
@@ -769,7 +769,7 @@ class StoredEngine(Engine):
             report.merged += self._identify(step, aliases, touched, decisions)
         run_segment()
 
-        self._landed = [(r[0], r[1]) for r in new_events]
+        self._landed = new_events  # (source, id, ...) of each event that landed
         if self._gone:  # events of a customer merged since: under the merged one
             new_events = [(*r[:2], aliases.get(r[2], r[2]), *r[3:]) for r in new_events]
         self.db.conn.executemany(
