@@ -168,7 +168,10 @@ class Event:
 
 
 _new_event = object.__new__
-_set = object.__setattr__
+# the slot descriptors of Event: setting through them skips the attribute lookup
+_set_id, _set_customer, _set_type, _set_at, _set_source, _set_props, _set_ts = (
+    getattr(Event, name).__set__
+    for name in ("id", "customer", "type", "at", "source", "props", "ts"))
 
 
 def _checked(raw: dict[str, Any], source: str) -> Event | None:
@@ -191,16 +194,16 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
         return None
     event = _new_event(Event)
     # the same fields Event.__init__ would set, already checked above
-    _set(event, "id", event_id)
-    _set(event, "customer", customer)
-    _set(event, "type", kind)
-    _set(event, "at", at)
-    _set(event, "source", src)
+    _set_id(event, event_id)
+    _set_customer(event, customer)
+    _set_type(event, kind)
+    _set_at(event, at)
+    _set_source(event, src)
     props = raw.copy()
     del props["id"], props["customer"], props["type"], props["at"]
     props.pop("source", None)
-    _set(event, "props", props)
-    _set(event, "ts", at.timestamp())
+    _set_props(event, props)
+    _set_ts(event, at.timestamp())
     return event
 
 
