@@ -57,6 +57,7 @@ from .times import (
     from_micros,
     from_seconds,
     parse_instant,
+    to_micros,
 )
 
 if TYPE_CHECKING:
@@ -203,7 +204,7 @@ def pack_decision(d: Decision) -> bytes:
         try:
             return _MARSHALLED_DECISION + marshal.dumps((
                 d.id, d.customer, d.rule, d.action, dict(d.params),
-                round(at.timestamp() * 1e6), offset, d.kind, d.via, d.trigger, d.status,
+                to_micros(at), offset, d.kind, d.via, d.trigger, d.status,
                 d.reason))
         except ValueError:
             pass
@@ -296,7 +297,7 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     offset = 0 if at.tzinfo is UTC else fixed_offset(at)
     if offset is not None:
         try:
-            body = marshal.dumps((round(ts * 1e6), event_id, source, kind, offset, props))
+            body = marshal.dumps((to_micros(at), event_id, source, kind, offset, props))
             return _HEADER(len(body), _MARSHALLED) + body
         except ValueError:
             pass
@@ -318,7 +319,8 @@ def _unpack(log: bytes | bytearray) -> Iterator[tuple[Any, ...]]:
         body = view[at + 5:at + 5 + size]
         if view[at + 4] == _MARSHALLED:
             micros, event_id, source, kind, offset, props = marshal.loads(body)
-            yield (micros / 1e6, event_id, source, kind, from_micros(micros, offset), props)
+            yield (micros / 1_000_000, event_id, source, kind, from_micros(micros, offset),
+                   props)
         else:
             yield pickle.loads(body)
         at += 5 + size
@@ -438,9 +440,10 @@ class Engine:
         # A schedule only has to be early. An event that took no points and moved no
         # level leaves future capital at or above what was foreseen, so a
         # still-future schedule stays valid for firing; re-arming could come sooner
-        # only with points given (``_apply`` marks that), as the planners bound
-        # capital from above with the silence drained when they ran, which a
-        # contact never gives back.
+        # only with points given, or with more room for the licence once the
+        # silence drain or a trace at its floor is settled into the balance
+        # (``_apply`` marks both): otherwise the planners bound capital from above
+        # with the silence drained when they ran, which a contact never gives back.
         if customer.dirty or customer.levels_due <= ev.ts or customer.scheduled <= ev.ts:
             self._schedule(customer)
         return Outcome(event=ev, capital_before=before, capital_after=after,
@@ -592,7 +595,13 @@ class Engine:
             days_idle: float | None = 0.0
         else:
             days_idle = (t - state.last_contact) / DAY
+            banked = state.balance
             licence, silence, before = settle(state, rules, t, plan.contact)
+            if c.calm_high < _INF and state.balance != banked + licence:
+                # the silence drain or a trace at its floor went into the balance:
+                # capital now is the same, but the licence has more room, so a
+                # level waiting to re-arm may do so sooner
+                c.dirty = True
             if licence:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="licence", points=licence, at=ev.at,

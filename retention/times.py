@@ -70,22 +70,38 @@ def format_instant(seconds: float) -> str:
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
+_MICROSECOND = timedelta(microseconds=1)
 _ZONES: dict[int, timezone] = {0: UTC}
 
 
 def fixed_offset(moment: datetime) -> int | None:
-    """The UTC offset of ``moment`` in whole seconds, when its zone is a fixed offset
-    (a zone with rules, or an offset with microseconds, gives None): with its
-    microseconds since the epoch, that is all it takes to rebuild it exactly."""
+    """The UTC offset of ``moment`` in whole seconds, when its zone is a plain fixed
+    offset (a zone with rules, an offset with microseconds or a named offset give
+    None): with its microseconds since the epoch, that is all it takes to rebuild it
+    exactly."""
+    zone = moment.tzinfo
     offset = moment.utcoffset()
-    if type(moment.tzinfo) is not timezone or offset is None or offset.microseconds:
+    if type(zone) is not timezone or offset is None or offset.microseconds:
         return None
-    return offset // _SECOND
+    seconds = offset // _SECOND
+    if zone is not UTC and zone.tzname(None) != _zone(seconds).tzname(None):
+        return None  # timezone(offset, "EST"): its name would be lost
+    return seconds
+
+
+def to_micros(moment: datetime) -> int:
+    """Microseconds since the epoch, exactly (``timestamp()`` is a float: past the
+    23rd century it no longer holds every microsecond)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _zone(offset: int) -> timezone:
+    zone = _ZONES.get(offset)
+    if zone is None:
+        zone = _ZONES[offset] = timezone(timedelta(seconds=offset))
+    return zone
 
 
 def from_micros(micros: int, offset: int) -> datetime:
     """The instant ``micros`` after the epoch, in the fixed zone ``offset`` seconds east."""
-    zone = _ZONES.get(offset)
-    if zone is None:
-        zone = _ZONES[offset] = timezone(timedelta(seconds=offset))
-    return (_EPOCH + timedelta(microseconds=micros)).astimezone(zone)
+    return (_EPOCH + timedelta(microseconds=micros)).astimezone(_zone(offset))

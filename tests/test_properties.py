@@ -157,3 +157,86 @@ def test_the_schedule_is_never_late(text, events):
             continue
         customer = event["customer"]
         assert engine.next_change(customer) <= _first_change(engine, customer) + 1e-3
+
+
+@st.composite
+def _licence_and_silence(draw):
+    """Rule files where the silence drain and traces at their floor settle into the
+    balance while a level waits to re-arm, and the licence has room to bring it back."""
+    initial = draw(st.integers(40, 90))
+    return f"""
+capital: {{initial: {initial}, min: 0, max: 100}}
+rules:
+  bought: {{when: event.type == "purchase", points: {draw(st.integers(1, 30))}}}
+  late: {{when: event.type == "late", points: -{draw(st.integers(1, 30))},
+          fades_over: {draw(st.integers(1, 40))}d, keep: {draw(st.sampled_from([0, 0.3, 0.6]))}}}
+silence: {{after: {draw(st.integers(1, 20))}d, rate_per_day: {draw(st.integers(1, 3))},
+           contacts: [purchase, ping, late]}}
+licence: {{clean_for: {draw(st.integers(2, 20))}d, points: {draw(st.integers(1, 15))},
+           up_to: {draw(st.integers(20, 90))}}}
+levels:
+  - {{name: watch, below: {draw(st.integers(20, 60))}, rearm: {draw(st.integers(0, 10))},
+     then: [flag]}}
+  - {{name: rupture, below: {draw(st.integers(1, 19))}, then: [flag]}}
+actions:
+  flag: {{kind: service, via: crm_tag}}
+"""
+
+
+@given(_licence_and_silence(), st.lists(st.tuples(
+    st.sampled_from(["purchase", "ping", "late", "visit"]), st.integers(0, 30 * 24)),
+    min_size=1, max_size=12), st.lists(st.integers(0, 400 * 24), max_size=3))
+def test_the_schedule_is_never_late_with_the_licence_and_silence(text, steps, ticks):
+    """The same, where settling an event (a contact banking the silence drain, or a
+    trace paid into the balance at its floor) gives the licence room while a level
+    waits to re-arm; ``visit`` is no contact. Ticks in between change nothing."""
+    from datetime import UTC, datetime, timedelta
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    engine = engine_for(text)
+    hour = 0
+    timeline = []
+    for i, (kind, gap) in enumerate(steps):
+        hour += gap
+        timeline.append((hour, 0, {"id": f"e{i}", "customer": "a", "type": kind,
+                                   "at": (start + timedelta(hours=hour)).isoformat()}))
+    timeline += [(h, 1, None) for h in ticks]
+    for h, is_tick, event in sorted(timeline, key=lambda item: item[:2]):
+        if is_tick:
+            engine.tick((start + timedelta(hours=h)).isoformat())
+            continue
+        engine.process(event)
+        assert engine.next_change("a") <= _first_change(engine, "a") + 1e-3
+    # the same events without ticks decide the same, once ticked to the end
+    alone = engine_for(text, [e for _, t, e in timeline if not t])
+    end = (start + timedelta(hours=max(h for h, _, _ in timeline) + 24 * 400)).isoformat()
+    engine.tick(end)
+    alone.tick(end)
+    assert [d.id for d in engine.decisions()] == [d.id for d in alone.decisions()]
+
+
+def test_a_contact_that_gives_the_licence_room_plans_the_re_arming_again():
+    """``watch`` fires by silence while the balance is above the licence's ``up_to``;
+    a contact banks the drain, so the licence re-arms ``watch`` at day 50 and silence
+    fires it again: a tick must find both."""
+    from datetime import UTC, datetime, timedelta
+
+    def day(d):
+        return (datetime(2026, 1, 1, tzinfo=UTC) + timedelta(days=d)).isoformat()
+
+    engine = engine_for("""
+capital: {initial: 70, min: 0, max: 100}
+rules:
+  bought: {when: event.type == "purchase", points: 10}
+silence: {after: 10d, rate_per_day: 1}
+licence: {clean_for: 10d, points: 10}
+levels:
+  - {name: watch, below: 50, rearm: 5, then: [flag]}
+actions:
+  flag: {kind: service, via: crm_tag}
+""", [{"id": "p", "customer": "a", "type": "purchase", "at": day(0)}])
+    assert [d.rule for d in engine.tick(day(41))] == ["watch"]
+    engine.process({"id": "q", "customer": "a", "type": "ping", "at": day(45)})
+    assert engine.next_change("a") <= datetime.fromisoformat(day(50)).timestamp()
+    again = engine.tick(day(90))
+    assert [(d.rule, d.at.date().isoformat()) for d in again] == [("watch", "2026-03-17")]

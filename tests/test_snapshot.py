@@ -129,3 +129,24 @@ def test_snapshots_in_the_earlier_form_still_load():
                  "at": "2026-02-10T10:00:00+00:00"}
         assert deep(twin.process(later)) == deep(mine.process(later))
         assert twin.decisions("c") == mine.decisions("c")
+
+
+def test_decisions_keep_every_microsecond_and_the_zone_name():
+    from datetime import timedelta, timezone
+
+    engine = Engine(load_texts([("rules.yaml", """
+rules:
+  bought: {when: event.type == "purchase", points: 1, then: [disc]}
+actions:
+  disc: {kind: in_purchase}
+""")]))
+    named = timezone(timedelta(hours=-5), "EST")
+    moments = [f"2700-01-01T10:00:00.{us:06d}+00:00" for us in range(1, 400, 37)]
+    moments += [datetime(2026, 1, 1, 10, tzinfo=named), datetime(9000, 5, 5, tzinfo=named)]
+    for i, at in enumerate(moments):
+        made = engine.process({"id": f"p{i}", "customer": f"a{i}", "type": "purchase",
+                               "at": at}).decisions
+        (kept,) = engine.decisions(f"a{i}")
+        assert kept.at == made[0].at and kept.at.tzname() == made[0].at.tzname()
+        back = decode(encode(engine._customers[f"a{i}"]))
+        assert deep(back) == deep(engine._customers[f"a{i}"])
