@@ -205,8 +205,7 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
     penalties that no longer change (a faded one is dropped, one at its keep floor
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
     and the silence drain banked (what the bounds let through), and
-    ``capital_at(t)`` itself, summed in the order :func:`raw_capital` sums it (so
-    to the last bit the same).
+    ``capital_at(t)`` itself.
 
     The hot path of every event: :func:`licence_due` and :func:`silence_due` are
     written out here, with the same arithmetic.
@@ -255,15 +254,7 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
                                           low, high)
             state.penalties = keep or ()
             break
-    # the licence owes nothing more at t: its steps are banked
-    value = state.balance
-    if not contact and silence is not None:
-        idle = t - state.last_contact - silence.after
-        if idle > 0:
-            value -= silence.rate_per_day * idle / DAY
-    for penalty in state.penalties:
-        share = penalty.fade.share(t - penalty.t0)
-        value -= penalty.points * (share if share > penalty.keep else penalty.keep)
+    value = raw_capital(state, rules, t)  # (the licence owes nothing more at t)
     return banked, drained, low if value < low else high if value > high else value
 
 
