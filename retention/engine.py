@@ -183,6 +183,23 @@ class Customer:
 
 
 _new = object.__new__
+_OUTCOME_SLOTS = tuple(getattr(Outcome, name).__set__ for name in (
+    "event", "capital_before", "capital_after", "ledger", "decisions", "duplicate"))
+
+
+def _outcome(event: Event, before: float | None, after: float | None,
+             ledger: tuple[LedgerEntry, ...], decisions: tuple[Decision, ...]) -> Outcome:
+    """The outcome of an event that was applied, set through the slot descriptors (the
+    keyword call of a frozen class costs a tenth of an event's processing)."""
+    out = _new(Outcome)
+    s_event, s_before, s_after, s_ledger, s_decisions, s_duplicate = _OUTCOME_SLOTS
+    s_event(out, event)
+    s_before(out, before)
+    s_after(out, after)
+    s_ledger(out, ledger)
+    s_decisions(out, decisions)
+    s_duplicate(out, False)
+    return out
 #: a ledger entry from the tuple of its fields in order, without the keyword call
 _entry = functools.partial(tuple.__new__, LedgerEntry)
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
@@ -446,8 +463,7 @@ class Engine:
         # with the silence drained when they ran, which a contact never gives back.
         if customer.dirty or customer.levels_due <= ev.ts or customer.scheduled <= ev.ts:
             self._schedule(customer)
-        return Outcome(event=ev, capital_before=before, capital_after=after,
-                       ledger=tuple(ledger), decisions=tuple(decisions))
+        return _outcome(ev, before, after, tuple(ledger), tuple(decisions))
 
     def process_many(self, events: Iterable[Mapping[str, Any] | Event],
                      *, source: str = "") -> list[Outcome]:

@@ -64,3 +64,11 @@ def test_same_id_from_two_sources_are_two_events():
     second = engine.process({"id": "1", "customer": "c", "type": "purchase", "source": "pos",
                              "at": "2026-01-02T00:00:00Z"})
     assert not second.duplicate and second.capital_after == first.capital_after + 2
+
+
+def test_the_engine_builds_outcomes_as_the_class_does():
+    from retention.engine import _outcome
+    from retention.models import Outcome
+
+    assert _outcome("ev", 1.0, 2.0, ("l",), ("d",)) == Outcome(
+        event="ev", capital_before=1.0, capital_after=2.0, ledger=("l",), decisions=("d",))
