@@ -186,13 +186,18 @@ def shop(tmp_path, rules):
     return ingest
 
 
-@pytest.fixture
-def smtp():
-    server = SmtpServer().start()
+def serving(server):
+    """A fixture's body: ``server`` started for the test, stopped after it."""
+    server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def smtp():
+    yield from serving(SmtpServer())
 
 
 @pytest.fixture(scope="module")
@@ -207,22 +212,14 @@ def certificate(tmp_path_factory):
 @pytest.fixture
 def tls_smtp(certificate):
     cert, key = certificate
-    server = SmtpServer(tls_context=server_tls_context(cert, key), require_starttls=True,
-                        authenticator=authenticator("shop", "s3cret"), auth_require_tls=True)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving(SmtpServer(
+        tls_context=server_tls_context(cert, key), require_starttls=True,
+        authenticator=authenticator("shop", "s3cret"), auth_require_tls=True))
 
 
 @pytest.fixture
 def receiver():
-    server = HttpReceiver().start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serving(HttpReceiver())
 
 
 def email_settings(server, **more):
