@@ -205,41 +205,23 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
     penalties that no longer change (a faded one is dropped, one at its keep floor
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
     and the silence drain banked (what the bounds let through), and
-    ``capital_at(t)`` itself.
-
-    The hot path of every event: :func:`licence_due` and :func:`silence_due` are
-    written out here, with the same arithmetic.
-    """
+    ``capital_at(t)`` itself."""
     cap = rules.capital
     low, high = cap.min, cap.max
     banked = 0.0
-    licence = rules.licence
-    if licence is not None:
-        steps = int((t - state.clean_since) // licence.clean_for)
-        if steps > state.steps:
+    if rules.licence is not None:
+        owed, state.steps = licence_due(state, rules, t)
+        if owed:
             old = state.balance
-            room = licence.up_to - old
-            if room > 0:
-                owed = licence.points * (steps - state.steps)
-                if owed >= room:
-                    owed = room
-                if owed:
-                    new = old + owed
-                    state.balance = low if new < low else high if new > high else new
-                    banked = state.balance - old
-            state.steps = steps
+            state.balance = clamp(old + owed, low, high)
+            banked = state.balance - old
     drained = 0.0
-    silence = rules.silence
     if contact:
-        if silence is not None and silence.rate_per_day > 0:
-            idle = (t - state.last_contact - silence.after) / DAY
-            if idle > 0:
-                drain = silence.rate_per_day * idle
-                if drain:
-                    old = state.balance
-                    new = old - drain
-                    state.balance = low if new < low else high if new > high else new
-                    drained = old - state.balance
+        drain = silence_due(state, rules, t)
+        if drain:
+            old = state.balance
+            state.balance = clamp(old - drain, low, high)
+            drained = old - state.balance
         state.last_contact = t
     for penalty in state.penalties:
         if penalty.settles_at <= t:
@@ -254,8 +236,7 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
                                           low, high)
             state.penalties = keep or ()
             break
-    value = raw_capital(state, rules, t)  # (the licence owes nothing more at t)
-    return banked, drained, low if value < low else high if value > high else value
+    return banked, drained, capital_at(state, rules, t)
 
 
 # -- time-driven level crossings -----------------------------------------------------

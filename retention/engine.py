@@ -20,7 +20,7 @@ import math
 import pickle
 import struct
 from collections.abc import Iterable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -200,9 +200,12 @@ def _outcome(event: Event, before: float | None, after: float | None,
     s_decisions(out, decisions)
     s_duplicate(out, False)
     return out
+
+
 #: a ledger entry from the tuple of its fields in order, without the keyword call
 _entry = functools.partial(tuple.__new__, LedgerEntry)
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
+_MARSHALLED_DECISION, _PICKLED_DECISION = b"M", b"P"
 
 
 def pack_decision(d: Decision) -> bytes:
@@ -216,7 +219,7 @@ def pack_decision(d: Decision) -> bytes:
     zone with rules, an unusual parameter given through the API) is pickled.
     """
     at = d.at
-    offset = 0 if at.tzinfo is UTC else fixed_offset(at)
+    offset = fixed_offset(at)
     if offset is not None:
         try:
             return _MARSHALLED_DECISION + marshal.dumps((
@@ -238,9 +241,6 @@ def unpack_decision(blob: bytes) -> Decision:
     else:
         _decision_state(d, pickle.loads(blob[1:]))
     return d
-
-
-_MARSHALLED_DECISION, _PICKLED_DECISION = b"M", b"P"
 
 
 def decided(c: Customer) -> dict[str, Decision]:
@@ -311,7 +311,7 @@ def _pack(row: tuple[Any, ...]) -> bytes:
     if type(props) is not dict:
         props = dict(props)
         row = (ts, event_id, source, kind, at, props)
-    offset = 0 if at.tzinfo is UTC else fixed_offset(at)
+    offset = fixed_offset(at)
     if offset is not None:
         try:
             body = marshal.dumps((to_micros(at), event_id, source, kind, offset, props))

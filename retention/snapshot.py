@@ -90,8 +90,9 @@ def _pairs_in(kept: bytes | tuple[Iterable[float], Iterable[float]]) -> bytearra
 
 
 def _current(c: Customer) -> Customer:
-    """A customer as the engine keeps it now, from the forms a snapshot written by an
-    earlier version may hold (lists, a set, decisions as objects)."""
+    """A customer as the engine keeps it, from what a snapshot holds: windows as
+    bytes (marshal gives bytes back for a bytearray), or the forms an earlier
+    version wrote (lists, a set, decisions as tuples or objects)."""
     if c.windows:
         c.windows = {k: _pairs_in(w) for k, w in c.windows.items()}
     if c.repeats:
@@ -100,7 +101,7 @@ def _current(c: Customer) -> Customer:
         c.pressure = _times_in(c.pressure)
     if c.rewarded is not None and not isinstance(c.rewarded, tuple):
         c.rewarded = tuple(sorted(c.rewarded))
-    if c.decisions:
+    if c.decisions and not all(isinstance(d, bytes) for d in c.decisions.values()):
         c.decisions = {did: _decision_in(d) for did, d in c.decisions.items()}
     return c
 
@@ -147,21 +148,10 @@ def decode(blob: bytes) -> Customer:
         penalties = [_penalty_in(p) for p in state[5]] if state[5] else ()
         s.__setstate__((*state[:5], penalties))
         state = s
-    rewarded, windows, repeats, taken, pressure, decisions = v[12:18]
-    if rewarded is not None and not isinstance(rewarded, tuple):
-        rewarded = tuple(sorted(rewarded))  # (a set before)
-    if windows is not None:
-        windows = {k: _pairs_in(w) for k, w in windows.items()}
-    if repeats is not None:
-        repeats = {k: _times_in(w) for k, w in repeats.items()}
+    taken = v[15]
     if taken is not None:
         taken = {k: _taken_in(t) for k, t in taken.items()}
-    if pressure is not None:
-        pressure = _times_in(pressure)
-    if decisions is not None and not all(isinstance(d, bytes) for d in decisions.values()):
-        decisions = {k: _decision_in(d) for k, d in decisions.items()}  # (tuples before)
     c = _new(Customer)
     c.__setstate__((v[0], bytearray(v[1]), v[2], state, bytearray(v[4]), bytearray(v[5]),
-                    *v[6:12], rewarded, windows, repeats, taken, pressure, decisions,
-                    *v[18:]))
-    return c
+                    *v[6:15], taken, *v[16:]))
+    return _current(c)  # (windows held as bytes become bytearrays there)

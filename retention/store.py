@@ -477,9 +477,7 @@ class StoredEngine(Engine):
             # the exact next change, whatever order the events came in (the engine may
             # keep an earlier, still valid one in memory), unless planned since the
             # customer last changed
-            planned = self._planned.get(cid)
-            if planned is None or planned[0] is not c or planned[1:] != (len(c.log),
-                                                                        c.level_time):
+            if self._planned.get(cid) != (c, len(c.log), c.level_time):  # (c: by identity)
                 c.scheduled = math.inf
                 self._schedule(c)
             capital = None if c.state is None or c.last is None else capital_at(

@@ -80,11 +80,13 @@ def fixed_offset(moment: datetime) -> int | None:
     None): with its microseconds since the epoch, that is all it takes to rebuild it
     exactly."""
     zone = moment.tzinfo
+    if zone is UTC:  # (the common case, answered at once)
+        return 0
     offset = moment.utcoffset()
     if type(zone) is not timezone or offset is None or offset.microseconds:
         return None
     seconds = offset // _SECOND
-    if zone is not UTC and zone.tzname(None) != _zone(seconds).tzname(None):
+    if zone.tzname(None) != _zone(seconds).tzname(None):
         return None  # timezone(offset, "EST"): its name would be lost
     return seconds
 
