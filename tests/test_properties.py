@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+import pytest
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from retention import Engine, load_texts
@@ -213,6 +214,50 @@ def test_the_schedule_is_never_late_with_the_licence_and_silence(text, steps, ti
     engine.tick(end)
     alone.tick(end)
     assert [d.id for d in engine.decisions()] == [d.id for d in alone.decisions()]
+
+
+@given(st.integers(56, 100), st.integers(1, 20), st.integers(1, 3), st.integers(2, 30),
+       st.integers(1, 10), st.integers(0, 40), st.lists(st.tuples(
+           st.integers(1, 30), st.integers(0, 30), st.sampled_from([0, 0.3])), max_size=3))
+def test_the_silence_firing_is_planned_never_late_and_exactly_without_traces(
+        balance, after, per_day, clean_for, points, up_to_above, traces):
+    """Planned with the licence steps to come and traces fading meanwhile: never later
+    than the first firing, and on its millisecond when no trace is left to fade."""
+    import math
+
+    from retention.capital import (
+        CapitalState,
+        LinearFade,
+        Penalty,
+        capital_at,
+        level_transitions,
+        next_level_change,
+    )
+    from retention.times import DAY
+
+    rules = engine_for(f"""
+capital: {{initial: 70, min: 0, max: 100}}
+silence: {{after: {after}d, rate_per_day: {per_day}}}
+licence: {{clean_for: {clean_for}d, points: {points}, up_to: {min(balance + up_to_above, 100)}}}
+levels:
+  - {{name: watch, below: 55, then: [flag]}}
+actions:
+  flag: {{kind: service, via: crm_tag}}
+""").rules
+    start = 1_767_225_600.0  # 2026-01-01
+    state = CapitalState(balance=float(balance), opened_at=start, last_contact=start,
+                         clean_since=start)
+    state.penalties = [Penalty(float(p), start - d * DAY, LinearFade(40 * DAY), keep, "x", "e")
+                       for p, d, keep in traces] or ()
+    assume(capital_at(state, rules, start) >= 55)  # else the level would not be armed
+    due = next_level_change(state, rules, start, 55.0, math.inf)[1]
+    moves = level_transitions(state, rules, bytearray(b"\x01"), start,
+                              start + 30 * 365 * DAY, include_end=True)
+    first = moves[0][0] if moves else math.inf
+    assert due <= first
+    steps = math.ceil(min(up_to_above, 100 - balance) / points)
+    if not traces and steps < 12 and first < math.inf:
+        assert due == pytest.approx(first, abs=1e-3)
 
 
 def test_a_contact_that_gives_the_licence_room_plans_the_re_arming_again():
