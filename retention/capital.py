@@ -463,22 +463,15 @@ def next_level_change(
     return min(step, due), due
 
 
-#: rounds of :func:`_silence_fire`: each one moves its bound closer to the truth
-_FIRE_ROUNDS = 12
-_MS = 0.001
-
-
 def _silence_fire(state: CapitalState, rules: RuleSet, t: float, highest: float,
                   owed: float, steps: int, remembered: float) -> float:
     """A time never later than the first at which the silence drain takes capital
     below ``highest`` (the highest armed level); inf: never.
 
-    From any time ``x`` on, capital is at least ``B + Lic(x) - T(x) - S(y)``: the
-    licence only gives, traces only fade. The drain passes that bound at a time in
-    closed form; nothing fires before it. Each round starts again from there, or
-    from the next licence step when the bound holds until it, with the traces and
-    the licence of that moment, so the bound closes in on the real crossing. With
-    no trace fading and no licence step to come, the first round is exact.
+    From ``t`` on, capital is at least ``B + Lic(x) - T(t) - S(x)``: the licence only
+    gives, traces only fade. Between two licence steps the drain passes that bound
+    at a time in closed form; when that is after the next step, the search goes on
+    from the step with its points. Exact while no trace is left to fade.
 
     ``owed`` and ``steps`` are the licence's at ``t``, ``remembered`` is ``T(t)``.
     """
@@ -486,31 +479,20 @@ def _silence_fire(state: CapitalState, rules: RuleSet, t: float, highest: float,
     licence = rules.licence
     assert silence is not None
     room = licence.up_to - state.balance - owed if licence is not None else 0.0
-    x = t
-    for _ in range(_FIRE_ROUNDS):
+    while True:
         margin = state.balance + owed - remembered - highest  # the drain may take this
         days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
         fire = state.last_contact + days * DAY
-        if not fire < 1e15:
-            return math.inf
-        if room > 0:
-            assert licence is not None
-            step_at = state.clean_since + (steps + 1) * licence.clean_for
-            if math.ceil(fire * 1000.0) >= math.ceil(step_at * 1000.0):
-                # no millisecond before the step fires: go on from it
-                gain = min(licence.points, room)
-                owed += gain
-                room -= gain
-                steps += 1
-                x = step_at
-                if state.penalties:
-                    remembered = traces(state, x)
-                continue
-        if not state.penalties or fire < x + 2 * _MS:
-            return max(fire, x)
-        x = fire - _MS  # (a millisecond early: the bound must never be late)
-        remembered = traces(state, x)
-    return x
+        if room <= 0 or not fire < 1e15:
+            return fire
+        assert licence is not None
+        step_at = state.clean_since + (steps + 1) * licence.clean_for
+        if math.ceil(fire * 1000.0) < math.ceil(step_at * 1000.0):
+            return fire  # a millisecond before the step fires
+        gain = min(licence.points, room)
+        owed += gain
+        room -= gain
+        steps += 1
 
 
 def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, steps: int,

@@ -221,7 +221,7 @@ def test_the_schedule_is_never_late_with_the_licence_and_silence(text, steps, ti
            st.integers(1, 30), st.integers(0, 30), st.sampled_from([0, 0.3])), max_size=3))
 def test_the_silence_firing_is_planned_never_late_and_exactly_without_traces(
         balance, after, per_day, clean_for, points, up_to_above, traces):
-    """Planned with the licence steps to come and traces fading meanwhile: never later
+    """Planned through the licence steps to come, with traces fading meanwhile: never later
     than the first firing, and on its millisecond when no trace is left to fade."""
     import math
 
