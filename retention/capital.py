@@ -127,10 +127,23 @@ class Penalty:
         return self.points * (share if share > self.keep else self.keep)
 
 
+class Capital(Protocol):
+    """The settled state of one customer's capital (all derivable by replay): what
+    the functions below read and settle. The engine's customers hold it themselves;
+    :class:`CapitalState` holds it alone."""
+
+    balance: float
+    opened_at: float
+    last_contact: float
+    clean_since: float
+    steps: int
+    penalties: list[Penalty] | tuple[()]
+
+
 @pickled_as_tuple
 @attrs.define(slots=True)
 class CapitalState:
-    """The settled state of one customer's capital (all derivable by replay)."""
+    """The settled state of one customer's capital, on its own (see :class:`Capital`)."""
 
     balance: float
     opened_at: float
@@ -145,7 +158,7 @@ def clamp(value: float, low: float, high: float) -> float:
     return low if value < low else high if value > high else value
 
 
-def licence_due(state: CapitalState, rules: RuleSet, t: float) -> tuple[float, int]:
+def licence_due(state: Capital, rules: RuleSet, t: float) -> tuple[float, int]:
     """Points the licence owes at ``t`` and the step count they settle to."""
     licence = rules.licence
     if licence is None:
@@ -160,7 +173,7 @@ def licence_due(state: CapitalState, rules: RuleSet, t: float) -> tuple[float, i
     return (owed if owed < room else room), steps
 
 
-def silence_due(state: CapitalState, rules: RuleSet, t: float) -> float:
+def silence_due(state: Capital, rules: RuleSet, t: float) -> float:
     silence = rules.silence
     if silence is None or silence.rate_per_day <= 0:
         return 0.0
@@ -168,11 +181,11 @@ def silence_due(state: CapitalState, rules: RuleSet, t: float) -> float:
     return silence.rate_per_day * idle if idle > 0 else 0.0
 
 
-def traces(state: CapitalState, t: float) -> float:
+def traces(state: Capital, t: float) -> float:
     return sum(p.remaining(t) for p in state.penalties)
 
 
-def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
+def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
     """``B + Lic(t) - T(t) - S(t)``, before clamping (the hot path: written out flat)."""
     value = balance = state.balance
     licence = rules.licence
@@ -194,12 +207,12 @@ def raw_capital(state: CapitalState, rules: RuleSet, t: float) -> float:
     return value
 
 
-def capital_at(state: CapitalState, rules: RuleSet, t: float) -> float:
+def capital_at(state: Capital, rules: RuleSet, t: float) -> float:
     cap = rules.capital
     return clamp(raw_capital(state, rules, t), cap.min, cap.max)
 
 
-def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
+def settle(state: Capital, rules: RuleSet, t: float, contact: bool
            ) -> tuple[float, float, float]:
     """Step 2 of processing: bank the licence, the silence drain (at a contact) and
     penalties that no longer change (a faded one is dropped, one at its keep floor
@@ -241,7 +254,7 @@ def settle(state: CapitalState, rules: RuleSet, t: float, contact: bool
 
 # -- time-driven level crossings -----------------------------------------------------
 
-def _licence_steps(state: CapitalState, rules: RuleSet, t_from: float, t_to: float) -> list[float]:
+def _licence_steps(state: Capital, rules: RuleSet, t_from: float, t_to: float) -> list[float]:
     """Times in (t_from, t_to] at which the licence raises capital."""
     licence = rules.licence
     if licence is None:
@@ -333,7 +346,7 @@ def _first_at_least(value: Callable[[int], float], target: float, lo: int, hi: i
 
 
 def level_transitions(
-    state: CapitalState,
+    state: Capital,
     rules: RuleSet,
     armed: bytearray,
     t_from: float,
@@ -416,7 +429,7 @@ def level_transitions(
 
 
 def next_level_change(
-    state: CapitalState, rules: RuleSet, t: float, highest: float, rearm_at: float
+    state: Capital, rules: RuleSet, t: float, highest: float, rearm_at: float
 ) -> tuple[float, float]:
     """When, with no new event, something could next change: ``(next_change,
     levels_due)``, both never later than the truth (inf: nothing to wait for).
@@ -463,7 +476,7 @@ def next_level_change(
     return min(step, due), due
 
 
-def _silence_fire(state: CapitalState, rules: RuleSet, t: float, highest: float,
+def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
                   owed: float, steps: int, remembered: float) -> float:
     """A time never later than the first at which the silence drain takes capital
     below ``highest`` (the highest armed level); inf: never.
@@ -495,7 +508,7 @@ def _silence_fire(state: CapitalState, rules: RuleSet, t: float, highest: float,
         steps += 1
 
 
-def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, steps: int,
+def _licence_rearm(state: Capital, rules: RuleSet, t: float, steps: int,
                    settled: float, target: float) -> float:
     """The licence step before which capital cannot reach ``target`` (inf: none can).
 
@@ -519,7 +532,7 @@ def _licence_rearm(state: CapitalState, rules: RuleSet, t: float, steps: int,
     return state.clean_since + (steps + needed) * licence.clean_for
 
 
-def _earliest_rearm(state: CapitalState, rules: RuleSet, target: float, t: float,
+def _earliest_rearm(state: Capital, rules: RuleSet, target: float, t: float,
                     base: float, remembered: float, until: float) -> float:
     """A time never later than the first re-arming before ``until`` (inf: none).
 

@@ -28,7 +28,6 @@ import attrs
 
 from .capital import (
     FIRE,
-    CapitalState,
     Penalty,
     capital_at,
     clamp,
@@ -137,7 +136,16 @@ class Customer:
     log: bytearray = attrs.Factory(bytearray)
     #: (time, id, source) of the latest event applied; None before the first
     last: tuple[float, str, str] | None = None
-    state: CapitalState | None = None
+    # The settled capital (see ``capital.Capital``), held by the customer itself:
+    # one object per customer for the cycle collector to walk, not two.
+    #: when the relationship opened; None while the customer is a prospect
+    opened_at: float | None = None
+    balance: float = 0.0
+    last_contact: float = 0.0
+    clean_since: float = 0.0
+    steps: int = 0
+    #: a tuple while empty (most of the time), so that it costs the collector nothing
+    penalties: list[Penalty] | tuple[()] = ()
     armed: bytearray = attrs.Factory(bytearray)
     fired: bytearray = attrs.Factory(bytearray)
     level_time: float = -math.inf
@@ -180,6 +188,25 @@ class Customer:
             if fired and (lowest is None or level.below < lowest.below):
                 lowest = level
         return lowest.name if lowest else None
+
+
+#: fields of a customer pickled before it held its capital itself (then a
+#: CapitalState, or None, fourth)
+_EARLIER_FIELDS = 24
+_set_customer = Customer.__setstate__  # type: ignore[attr-defined]
+
+
+def _customer_from(self: Customer, values: tuple[Any, ...]) -> None:
+    if len(values) == _EARLIER_FIELDS:
+        capital = values[3]
+        own = (None, 0.0, 0.0, 0.0, 0, ()) if capital is None else (
+            capital.opened_at, capital.balance, capital.last_contact, capital.clean_since,
+            capital.steps, capital.penalties)
+        values = (*values[:3], *own, *values[4:])
+    _set_customer(self, values)
+
+
+Customer.__setstate__ = _customer_from  # type: ignore[attr-defined]
 
 
 _new = object.__new__
@@ -489,15 +516,15 @@ class Engine:
         if c is None:
             return None
         if at is None:
-            return None if c.state is None or c.last is None else capital_at(
-                c.state, self._rules, c.last[0])
+            return None if c.opened_at is None or c.last is None else capital_at(
+                c, self._rules, c.last[0])
         t = _moment(at)
         if c.last is not None and t < c.last[0]:
             c = self._rebuild(c.id, [r for r in self._history(c) if r[0] <= t],
                               horizon=-math.inf)[0]
-        if c.state is None or t < c.state.opened_at:
+        if c.opened_at is None or t < c.opened_at:
             return None
-        return capital_at(c.state, self._rules, t)
+        return capital_at(c, self._rules, t)
 
     def level(self, customer: str) -> str | None:
         """The lowest level that fired for a customer and has not re-armed."""
@@ -581,10 +608,10 @@ class Engine:
                ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         rules = self._rules
         t = ev.ts
-        state = c.state
+        opened = c.opened_at is not None
         ledger: list[LedgerEntry] = []
         decisions: list[Decision] = []
-        if state is not None and t > c.levels_due:
+        if opened and t > c.levels_due:
             # what time did before this event, judged with the consent of that time
             decisions.extend(self._advance(c, t, include_end=False))
         consent_before = c.consent
@@ -593,11 +620,11 @@ class Engine:
         if plan.consent is not None:
             c.consent = plan.consent
         cap = rules.capital
-        if state is None:
+        if not opened:
             if not plan.opens:
                 return None, None, ledger, decisions
-            state = c.state = CapitalState(balance=cap.initial, opened_at=t, last_contact=t,
-                                           clean_since=t)
+            c.opened_at = c.last_contact = c.clean_since = t
+            c.balance = cap.initial
             # bytearrays, not lists: one flag per level, invisible to the collector
             c.armed = bytearray(cap.initial >= lv.below for lv in rules.levels)
             c.fired = bytearray(len(rules.levels))
@@ -610,10 +637,10 @@ class Engine:
             before = None
             days_idle: float | None = 0.0
         else:
-            days_idle = (t - state.last_contact) / DAY
-            banked = state.balance
-            licence, silence, before = settle(state, rules, t, plan.contact)
-            if c.calm_high < _INF and state.balance != banked + licence:
+            days_idle = (t - c.last_contact) / DAY
+            banked = c.balance
+            licence, silence, before = settle(c, rules, t, plan.contact)
+            if c.calm_high < _INF and c.balance != banked + licence:
                 # the silence drain or a trace at its floor went into the balance:
                 # capital now is the same, but the licence has more room, so a
                 # level waiting to re-arm may do so sooner
@@ -622,7 +649,7 @@ class Engine:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="licence", points=licence, at=ev.at,
                     event_id=ev.id, category="licence",
-                    reason=f"points licence: clean since {format_instant(state.clean_since)}"))
+                    reason=f"points licence: clean since {format_instant(c.clean_since)}"))
             if silence:
                 ledger.append(LedgerEntry(
                     customer=c.id, rule="silence", points=-silence, at=ev.at,
@@ -644,7 +671,7 @@ class Engine:
         for rule in plan.rules:
             if not rule.test(ev, props, view):
                 continue
-            self._apply_rule(c, state, rule, ev, ledger)
+            self._apply_rule(c, rule, ev, ledger)
             moved = True
             if rule.then:
                 decisions.extend(self._decide(c, rule.name, rule.then, t, ev.at, _trigger(ev),
@@ -658,13 +685,13 @@ class Engine:
             decisions.extend(self._recognise(c, ev, view, plan.rewards))
         if moved and c.calm_high < _INF:
             c.dirty = True  # points given may bring a level's re-arming sooner
-        after = capital_at(state, rules, t) if moved or before is None else before
+        after = capital_at(c, rules, t) if moved or before is None else before
         if not c.calm_low <= after < c.calm_high:
             decisions.extend(self._observe(c, after, t, ev.at, _trigger(ev)))
         c.level_time = t
         return before, after, ledger, decisions
 
-    def _apply_rule(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
+    def _apply_rule(self, c: Customer, rule: Any, ev: Event,
                     ledger: list[LedgerEntry]) -> None:
         cap = self._rules.capital
         t = ev.ts
@@ -692,15 +719,15 @@ class Engine:
         applied = points
         if points < 0 and rule.fade is not None:
             penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
-            if state.penalties:
-                state.penalties.append(penalty)  # type: ignore[union-attr]
+            if c.penalties:
+                c.penalties.append(penalty)  # type: ignore[union-attr]
             else:
-                state.penalties = [penalty]
+                c.penalties = [penalty]
             reason = rule.reason + note if note else rule.reason
         elif points:
-            old = state.balance
-            state.balance = clamp(old + points, cap.min, cap.max)
-            applied = state.balance - old
+            old = c.balance
+            c.balance = clamp(old + points, cap.min, cap.max)
+            applied = c.balance - old
             reason = rule.reason + note if note else rule.reason
             if applied != points:
                 reason += (f" ({applied:+g} applied: the settled balance stays within "
@@ -708,8 +735,8 @@ class Engine:
         else:
             reason = ""
         if points < 0:
-            state.clean_since = t
-            state.steps = 0
+            c.clean_since = t
+            c.steps = 0
             c.dirty = True  # capital lower than foreseen: something may come sooner
             for field in rule.recovered_by:
                 link = _link(ev.get(field))
@@ -720,7 +747,7 @@ class Engine:
             ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
                                   reason)))
         if rule.recovery is not None:
-            self._recover(c, state, rule, ev, ledger)
+            self._recover(c, rule, ev, ledger)
 
     def _remember(self, c: Customer, key: tuple[str, Any], taken: _Taken) -> None:
         if c.taken is None:
@@ -731,7 +758,7 @@ class Engine:
                 del c.taken[stale]
         c.taken[key] = taken
 
-    def _recover(self, c: Customer, state: CapitalState, rule: Any, ev: Event,
+    def _recover(self, c: Customer, rule: Any, ev: Event,
                  ledger: list[LedgerEntry]) -> None:
         rec = rule.recovery
         t = ev.ts
@@ -743,19 +770,19 @@ class Engine:
         cap = self._rules.capital
         refund = 0.0
         penalty = taken.penalty
-        if penalty is not None and any(p is penalty for p in state.penalties):
+        if penalty is not None and any(p is penalty for p in c.penalties):
             refund = penalty.remaining(t) * rec.refund
             penalty.points *= 1.0 - rec.refund
             if penalty.points <= 0:
-                state.penalties = [p for p in state.penalties if p is not penalty] or ()
+                c.penalties = [p for p in c.penalties if p is not penalty] or ()
             else:
                 penalty.reschedule()
         else:
             owed = taken.permanent if penalty is None else (
                 penalty.points * penalty.keep if penalty.keep > 0 else 0.0)
-            old = state.balance
-            state.balance = clamp(old + owed * rec.refund, cap.min, cap.max)
-            refund = state.balance - old
+            old = c.balance
+            c.balance = clamp(old + owed * rec.refund, cap.min, cap.max)
+            refund = c.balance - old
         if refund:
             ledger.append(LedgerEntry(
                 customer=c.id, rule=rule.name, points=refund, at=ev.at, event_id=ev.id,
@@ -763,10 +790,10 @@ class Engine:
                 reason=f"{rule.name}: recovers {rec.refund:.0%} of {rec.rule} "
                        f"({rec.match} {link}), {refund:+.2f} points"))
         if rec.bonus:
-            old = state.balance
-            state.balance = clamp(old + rec.bonus, cap.min, cap.max)
+            old = c.balance
+            c.balance = clamp(old + rec.bonus, cap.min, cap.max)
             ledger.append(LedgerEntry(
-                customer=c.id, rule=rule.name, points=state.balance - old, at=ev.at,
+                customer=c.id, rule=rule.name, points=c.balance - old, at=ev.at,
                 event_id=ev.id, category=rule.category,
                 reason=f"{rule.name}: bonus {rec.bonus:+g} for an incident well resolved"))
 
@@ -815,12 +842,12 @@ class Engine:
 
     def _advance(self, c: Customer, t: float, *, include_end: bool) -> list[Decision]:
         """Level firings and re-armings that time alone caused since the last update."""
-        if c.state is None or not self._rules.levels or t <= c.level_time:
+        if c.opened_at is None or not self._rules.levels or t <= c.level_time:
             return []
         if t < c.levels_due or (t == c.levels_due and not include_end):
             return []  # levels_due is never later than the first thing time could do
         made: list[Decision] = []
-        moves = level_transitions(c.state, self._rules, c.armed, c.level_time, t,
+        moves = level_transitions(c, self._rules, c.armed, c.level_time, t,
                                   include_end=include_end)
         for at, index, kind in moves:
             if kind == FIRE:
@@ -922,7 +949,7 @@ class Engine:
                 result = outcome
             if ledger is not None:
                 ledger.extend(outcome[2])
-        if horizon > fresh.level_time and fresh.state is not None:
+        if horizon > fresh.level_time and fresh.opened_at is not None:
             self._advance(fresh, horizon, include_end=True)
             fresh.level_time = horizon
             self._plan(fresh)
@@ -980,15 +1007,15 @@ class Engine:
     def _plan(self, c: Customer) -> None:
         """Recompute when, with no new event, something could next change for ``c``."""
         c.dirty = False
-        if c.state is not None:
+        if c.opened_at is not None:
             c.next_change, c.levels_due = next_level_change(
-                c.state, self._rules, c.level_time, c.calm_low, c.calm_high)
+                c, self._rules, c.level_time, c.calm_low, c.calm_high)
 
     def _schedule(self, c: Customer) -> None:
         """Plan ``c`` and put it in the tick queue at its next change."""
         self._plan(c)
         when = c.next_change
-        if c.state is None or when == c.scheduled:
+        if c.opened_at is None or when == c.scheduled:
             return
         c.scheduled = when
         if when < math.inf:

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from .capital import CapitalState, HalfLifeFade, LinearFade, Penalty, RateFade
+from .capital import HalfLifeFade, LinearFade, Penalty, RateFade
 from .engine import _MARSHALLED_DECISION, Customer, _Taken, pack_decision
 from .models import Decision
 
@@ -120,10 +120,9 @@ def _taken_in(row: tuple[Any, ...]) -> _Taken:
 def encode(c: Customer) -> bytes:
     """The bytes of a customer's state (its ``log`` included as it is)."""
     try:
-        s = c.state
-        state = None if s is None else (
-            s.balance, s.opened_at, s.last_contact, s.clean_since, s.steps,
-            tuple(_penalty_out(p) for p in s.penalties))
+        state = None if c.opened_at is None else (
+            c.balance, c.opened_at, c.last_contact, c.clean_since, c.steps,
+            tuple(_penalty_out(p) for p in c.penalties))
         values = (
             c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
             c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded,
@@ -143,15 +142,16 @@ def decode(blob: bytes) -> Customer:
         return _current(pickle.loads(blob[1:]))
     v = marshal.loads(blob[1:])
     state = v[3]
-    if state is not None:
-        s = _new(CapitalState)
-        penalties = [_penalty_in(p) for p in state[5]] if state[5] else ()
-        s.__setstate__((*state[:5], penalties))
-        state = s
+    if state is None:
+        capital: tuple[Any, ...] = (None, 0.0, 0.0, 0.0, 0, ())
+    else:
+        balance, opened_at, last_contact, clean_since, steps, penalties = state
+        capital = (opened_at, balance, last_contact, clean_since, steps,
+                   [_penalty_in(p) for p in penalties] if penalties else ())
     taken = v[15]
     if taken is not None:
         taken = {k: _taken_in(t) for k, t in taken.items()}
     c = _new(Customer)
-    c.__setstate__((v[0], bytearray(v[1]), v[2], state, bytearray(v[4]), bytearray(v[5]),
+    c.__setstate__((v[0], bytearray(v[1]), v[2], *capital, bytearray(v[4]), bytearray(v[5]),
                     *v[6:15], taken, *v[16:]))
     return _current(c)  # (windows held as bytes become bytearrays there)

@@ -480,11 +480,11 @@ class StoredEngine(Engine):
             if self._planned.get(cid) != (c, len(c.log), c.level_time):  # (c: by identity)
                 c.scheduled = math.inf
                 self._schedule(c)
-            capital = None if c.state is None or c.last is None else capital_at(
-                c.state, rules, c.last[0])
+            capital = None if c.opened_at is None or c.last is None else capital_at(
+                c, rules, c.last[0])
             c.log = bytearray()  # the event log holds the events (see _ensure_log)
             self._partial.add(cid)
-            rows.append((cid, c.state.opened_at if c.state else None, c.level(rules),
+            rows.append((cid, c.opened_at, c.level(rules),
                          capital, c.last[0] if c.last else None,
                          c.scheduled if c.scheduled < math.inf else None,
                          encode(c)))
@@ -933,8 +933,8 @@ class StoredEngine(Engine):
             "at": moment.isoformat(),
             "capital": self.capital(canonical, moment),
             "level": self.level(canonical),
-            "last_contact": from_seconds(state.state.last_contact).isoformat()
-            if state.state is not None else None,
+            "last_contact": from_seconds(state.last_contact).isoformat()
+            if state.opened_at is not None else None,
             "consent": state.consent,
             "ledger": [e.to_dict() for e in self.explain(canonical) if e.at <= moment],
         }
@@ -1090,8 +1090,8 @@ class StoredEngine(Engine):
                 "consent": held.consent if held else None,
                 "purchases": held.purchases if held else None,
                 "spent": held.spent if held else None,
-                "last_contact_at": _iso(held.state.last_contact)
-                if held and held.state else None},
+                "last_contact_at": _iso(held.last_contact)
+                if held and held.opened_at is not None else None},
             "events": events,
             "ledger": [e.to_dict() for e in self.explain(canonical)],
             "decisions": [d.to_dict() for d in self.decisions(canonical)],
@@ -1190,14 +1190,16 @@ class StoredEngine(Engine):
             for cid, lvl, last in part:
                 c = self._customers[cid]
                 if now is None:
-                    capital = capital_at(c.state, self._rules, last) if c.state else None
+                    capital = (capital_at(c, self._rules, last)
+                               if c.opened_at is not None else None)
                 else:  # (replays the customer when `now` is before their latest event)
                     capital = Engine.capital(self, cid, now)
                 if capital is None:
                     continue
                 found.append({"customer": cid, "level": lvl, "capital": capital,
                               "last_event_at": _iso(last),
-                              "last_contact_at": _iso(c.state.last_contact if c.state else None)})
+                              "last_contact_at": _iso(
+                                  c.last_contact if c.opened_at is not None else None)})
             self._forget_loaded()
         found.sort(key=lambda r: (math.inf if r["capital"] is None else r["capital"],
                                   r["customer"]))

@@ -139,10 +139,10 @@ def _first_change(engine: Engine, customer: str) -> float:
     from retention.snapshot import decode, encode
 
     c = decode(encode(engine._customers[customer]))
-    if c.state is None:
+    if c.opened_at is None:
         return math.inf
     far = c.level_time + 20 * 365 * 86400.0
-    moves = level_transitions(c.state, engine.rules, c.armed, c.level_time, far,
+    moves = level_transitions(c, engine.rules, c.armed, c.level_time, far,
                               include_end=True)
     return min([at for at, _, _ in moves] + [math.inf])
 

@@ -150,3 +150,38 @@ actions:
         assert kept.at == made[0].at and kept.at.tzname() == made[0].at.tzname()
         back = decode(encode(engine._customers[f"a{i}"]))
         assert deep(back) == deep(engine._customers[f"a{i}"])
+
+
+def test_customers_pickled_with_their_capital_apart_still_load(monkeypatch):
+    """Snapshots pickled before a customer held its capital itself had a
+    CapitalState (None for a prospect) in fourth place."""
+    import pickle
+
+    from retention.capital import CapitalState
+    from retention.engine import Customer
+    from retention.snapshot import _PICKLE
+
+    engine = Engine.from_path("examples/rules/retail.yaml")
+    engine.process({"id": "p", "customer": "c", "type": "purchase", "amount": 30,
+                    "at": "2026-01-01T10:00:00+00:00"})
+    engine.process({"id": "d", "customer": "c", "type": "delivery", "delay_days": 6,
+                    "at": "2026-01-05T10:00:00+00:00"})
+    engine.process({"id": "v", "customer": "v", "type": "page_view",
+                    "at": "2026-01-05T10:00:00+00:00"})
+    opened, prospect = engine._customers["c"], engine._customers["v"]
+    assert opened.penalties and prospect.opened_at is None
+    current = Customer.__getstate__
+
+    def earlier(c):
+        fields = current(c)
+        capital = None if c.opened_at is None else CapitalState(
+            balance=c.balance, opened_at=c.opened_at, last_contact=c.last_contact,
+            clean_since=c.clean_since, steps=c.steps, penalties=c.penalties)
+        return (*fields[:3], capital, *fields[9:])
+
+    for customer in (opened, prospect):
+        with monkeypatch.context() as patch:
+            patch.setattr(Customer, "__getstate__", earlier)
+            blob = _PICKLE + pickle.dumps(customer)
+        assert len(earlier(customer)) == 24
+        assert deep(decode(blob)) == deep(customer)
