@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import attrs
 
@@ -34,14 +34,45 @@ NEGLIGIBLE = 1e-6
 FIRE, REARM = "fire", "rearm"
 
 
+#: How the memory of an incident fades, as plain values: ``("L", over)`` (in a
+#: straight line, gone after ``over`` seconds), ``("H", half_life)`` or
+#: ``("R", rate, per)`` (loses ``rate`` of itself every ``per``). Penalties carry it.
+FadeKey = tuple[Any, ...]
+
+
+def share_left(fade: FadeKey, elapsed: float) -> float:
+    """The share of a trace left ``elapsed`` seconds after it was taken."""
+    kind = fade[0]
+    if kind == "L":
+        left = 1.0 - elapsed / fade[1]
+        return left if left > 0.0 else 0.0
+    if kind == "H":
+        return 2.0 ** (-elapsed / fade[1])
+    return (1.0 - fade[1]) ** (elapsed / fade[2])
+
+
+def reaches(fade: FadeKey, share: float) -> float:
+    """Seconds after which the share left is down to ``share`` (inf: never)."""
+    kind = fade[0]
+    if kind == "L":
+        return fade[1] * (1.0 - share)
+    if kind == "H":
+        return math.inf if share <= 0 else fade[1] * math.log2(1.0 / share)
+    rate, per = fade[1], fade[2]
+    if share <= 0:
+        return math.inf if rate < 1 else 0.0
+    if rate >= 1:
+        return 0.0
+    return per * math.log(share) / math.log(1.0 - rate)
+
+
 class Fade(Protocol):
-    """How the memory of an incident fades: the share left after ``d`` seconds."""
+    """A rule's fade, as the rule file gives it."""
 
-    def share(self, elapsed: float) -> float: ...
+    @property
+    def key(self) -> FadeKey: ...
 
-    def reaches(self, share: float) -> float:
-        """Seconds after which the share left is down to ``share`` (inf: never)."""
-        ...
+    def describe(self) -> str: ...
 
 
 @attrs.frozen
@@ -50,12 +81,12 @@ class LinearFade:
 
     over: float
 
-    def share(self, elapsed: float) -> float:
-        left = 1.0 - elapsed / self.over
-        return left if left > 0.0 else 0.0
+    @property
+    def key(self) -> FadeKey:
+        return ("L", self.over)
 
-    def reaches(self, share: float) -> float:
-        return self.over * (1.0 - share)
+    def share(self, elapsed: float) -> float:
+        return share_left(self.key, elapsed)
 
     def describe(self) -> str:
         return f"fades over {self.over / DAY:g} days"
@@ -67,11 +98,12 @@ class HalfLifeFade:
 
     half_life: float
 
-    def share(self, elapsed: float) -> float:
-        return 2.0 ** (-elapsed / self.half_life)
+    @property
+    def key(self) -> FadeKey:
+        return ("H", self.half_life)
 
-    def reaches(self, share: float) -> float:
-        return math.inf if share <= 0 else self.half_life * math.log2(1.0 / share)
+    def share(self, elapsed: float) -> float:
+        return share_left(self.key, elapsed)
 
     def describe(self) -> str:
         return f"half-life {self.half_life / DAY:g} days"
@@ -84,47 +116,59 @@ class RateFade:
     rate: float
     per: float
 
-    def share(self, elapsed: float) -> float:
-        return (1.0 - self.rate) ** (elapsed / self.per)
+    @property
+    def key(self) -> FadeKey:
+        return ("R", self.rate, self.per)
 
-    def reaches(self, share: float) -> float:
-        if share <= 0:
-            return math.inf if self.rate < 1 else 0.0
-        if self.rate >= 1:
-            return 0.0
-        return self.per * math.log(share) / math.log(1.0 - self.rate)
+    def share(self, elapsed: float) -> float:
+        return share_left(self.key, elapsed)
 
     def describe(self) -> str:
         return f"fades {self.rate * 100:g}% every {self.per / DAY:g} days"
 
 
+#: A fading penalty, ``(points, t0, fade, keep, rule, event_id, settles_at)``:
+#: ``points`` taken at ``t0``, remembered at ``max(keep, share left)``, the trace
+#: unchanging from ``settles_at`` on (at its keep floor, or negligible). A plain
+#: tuple, as snapshots write it: Python's cycle collector stops walking a tuple of
+#: plain values, where it would walk an object at every full collection.
+PenaltyRow = tuple[float, float, FadeKey, float, str, str, float]
+
+
+def fading_penalty(points: float, t0: float, fade: FadeKey, keep: float, rule: str,
+                   event_id: str) -> PenaltyRow:
+    if points <= 0:
+        settles_at = t0
+    else:
+        floor = keep if keep > 0 else NEGLIGIBLE / points
+        settles_at = t0 + reaches(fade, min(floor, 1.0))
+    return (points, t0, fade, keep, rule, event_id, settles_at)
+
+
+def remaining(penalty: PenaltyRow, t: float) -> float:
+    """The points a penalty still takes at ``t``."""
+    points, t0, fade, keep = penalty[:4]
+    share = share_left(fade, t - t0)
+    return points * (share if share > keep else keep)
+
+
 @pickled_as_tuple
 @attrs.define(slots=True)
 class Penalty:
-    """A fading penalty: ``points`` taken at ``t0``, remembered at ``max(keep, share)``."""
+    """A fading penalty as snapshots pickled it before penalties were plain tuples
+    (kept so that those snapshots still load: see :meth:`row`)."""
 
     points: float
     t0: float
-    fade: Fade
+    fade: Any
     keep: float
     rule: str
     event_id: str
-    settles_at: float = attrs.field(init=False)
+    settles_at: float
 
-    def __attrs_post_init__(self) -> None:
-        self.reschedule()
-
-    def reschedule(self) -> None:
-        """When the trace stops changing: at its ``keep`` floor, or negligible."""
-        if self.points <= 0:
-            self.settles_at = self.t0
-            return
-        floor = self.keep if self.keep > 0 else NEGLIGIBLE / self.points
-        self.settles_at = self.t0 + self.fade.reaches(min(floor, 1.0))
-
-    def remaining(self, t: float) -> float:
-        share = self.fade.share(t - self.t0)
-        return self.points * (share if share > self.keep else self.keep)
+    def row(self) -> PenaltyRow:
+        return (self.points, self.t0, self.fade.key, self.keep, self.rule, self.event_id,
+                self.settles_at)
 
 
 class Capital(Protocol):
@@ -137,7 +181,7 @@ class Capital(Protocol):
     last_contact: float
     clean_since: float
     steps: int
-    penalties: list[Penalty] | tuple[()]
+    penalties: tuple[PenaltyRow, ...]
 
 
 @pickled_as_tuple
@@ -150,8 +194,7 @@ class CapitalState:
     last_contact: float
     clean_since: float
     steps: int = 0
-    #: a tuple while empty (most of the time), so that it costs the collector nothing
-    penalties: list[Penalty] | tuple[()] = ()
+    penalties: tuple[PenaltyRow, ...] = ()
 
 
 def clamp(value: float, low: float, high: float) -> float:
@@ -182,7 +225,7 @@ def silence_due(state: Capital, rules: RuleSet, t: float) -> float:
 
 
 def traces(state: Capital, t: float) -> float:
-    return sum(p.remaining(t) for p in state.penalties)
+    return sum(remaining(p, t) for p in state.penalties)
 
 
 def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
@@ -201,9 +244,9 @@ def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
         idle = t - state.last_contact - silence.after
         if idle > 0:
             value -= silence.rate_per_day * idle / DAY
-    for penalty in state.penalties:
-        share = penalty.fade.share(t - penalty.t0)
-        value -= penalty.points * (share if share > penalty.keep else penalty.keep)
+    for points, t0, fade, keep, _, _, _ in state.penalties:
+        share = share_left(fade, t - t0)
+        value -= points * (share if share > keep else keep)
     return value
 
 
@@ -237,17 +280,15 @@ def settle(state: Capital, rules: RuleSet, t: float, contact: bool
             drained = old - state.balance
         state.last_contact = t
     for penalty in state.penalties:
-        if penalty.settles_at <= t:
-            # (a new list only then: one a customer keeps is not made anew at every
-            # event, which would give the cycle collector a new object to walk)
-            keep: list[Penalty] = []
+        if penalty[6] <= t:  # (settles_at) a new tuple only then
+            kept = []
             for other in state.penalties:
-                if other.settles_at > t:
-                    keep.append(other)
-                elif other.keep > 0:
-                    state.balance = clamp(state.balance - other.points * other.keep,
-                                          low, high)
-            state.penalties = keep or ()
+                points, _, _, keep, _, _, settles_at = other
+                if settles_at > t:
+                    kept.append(other)
+                elif keep > 0:
+                    state.balance = clamp(state.balance - points * keep, low, high)
+            state.penalties = tuple(kept)
             break
     return banked, drained, capital_at(state, rules, t)
 
@@ -455,9 +496,9 @@ def next_level_change(
     if not levels:
         return step, math.inf
     remembered = 0.0
-    for penalty in state.penalties:
-        share = penalty.fade.share(t - penalty.t0)
-        remembered += penalty.points * (share if share > penalty.keep else penalty.keep)
+    for points, t0, fade, keep, _, _, _ in state.penalties:
+        share = share_left(fade, t - t0)
+        remembered += points * (share if share > keep else keep)
     base = state.balance + owed - remembered
     all_armed = rearm_at == math.inf
     due = math.inf
@@ -519,8 +560,8 @@ def _licence_rearm(state: Capital, rules: RuleSet, t: float, steps: int,
     licence = rules.licence
     assert licence is not None
     best = settled - silence_due(state, rules, t)
-    for penalty in state.penalties:
-        best -= penalty.points * penalty.keep
+    for points, _, _, keep, _, _, _ in state.penalties:
+        best -= points * keep
     if best >= target:
         needed = 1
     else:
@@ -546,14 +587,14 @@ def _earliest_rearm(state: Capital, rules: RuleSet, target: float, t: float,
     if allowance < 0:
         return math.inf
     when = t
-    for penalty in state.penalties:
-        share = allowance / penalty.points
+    for points, t0, fade, keep, _, _, settles_at in state.penalties:
+        share = allowance / points
         if share >= 1:
             continue
-        if share < penalty.keep:
+        if share < keep:
             return math.inf
         # a trace is forgotten at settles_at even if its fade never reaches zero
-        when = max(when, min(penalty.t0 + penalty.fade.reaches(share), penalty.settles_at))
+        when = max(when, min(t0 + reaches(fade, share), settles_at))
     if not when < 1e15:
         return math.inf
     when = max(math.floor(when * 1000.0), math.floor(t * 1000.0) + 1) / 1000.0

@@ -29,10 +29,13 @@ import attrs
 from .capital import (
     FIRE,
     Penalty,
+    PenaltyRow,
     capital_at,
     clamp,
+    fading_penalty,
     level_transitions,
     next_level_change,
+    remaining,
     settle,
 )
 from .errors import EventError
@@ -103,15 +106,32 @@ class _TypePlan(NamedTuple):
     level: bool
 
 
+class Taken(NamedTuple):
+    """Points a recoverable rule took, kept until a recovery or its window passes.
+
+    A customer keeps it as a plain tuple (see ``Customer.taken``)."""
+
+    at: float
+    #: the fading penalty it took, as it was then (None: permanent points)
+    penalty: PenaltyRow | None
+    permanent: float
+    recovered: bool = False
+
+
 @pickled_as_tuple
 @attrs.define(slots=True)
 class _Taken:
-    """Points a recoverable rule took, kept until a recovery or its window passes."""
+    """A taken incident as snapshots pickled it before it was a plain tuple (kept so
+    that those snapshots still load)."""
 
     at: float
     penalty: Penalty | None
     permanent: float
     recovered: bool = False
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.at, None if self.penalty is None else self.penalty.row(),
+                self.permanent, self.recovered)
 
 
 @attrs.define(slots=True)
@@ -144,8 +164,7 @@ class Customer:
     last_contact: float = 0.0
     clean_since: float = 0.0
     steps: int = 0
-    #: a tuple while empty (most of the time), so that it costs the collector nothing
-    penalties: list[Penalty] | tuple[()] = ()
+    penalties: tuple[PenaltyRow, ...] = ()
     armed: bytearray = attrs.Factory(bytearray)
     fired: bytearray = attrs.Factory(bytearray)
     level_time: float = -math.inf
@@ -165,7 +184,8 @@ class Customer:
     windows: dict[str, bytearray] | None = None
     #: times of the matches of each repeat rule
     repeats: dict[str, bytearray] | None = None
-    taken: dict[tuple[str, Any], _Taken] | None = None
+    #: incidents a recovery may still refund, as the plain tuple of a ``Taken``
+    taken: dict[tuple[str, Any], tuple[Any, ...]] | None = None
     #: times of the decisions that count against the contact pressure
     pressure: bytearray | None = None
     #: decisions by id, created with the first one, as bytes (see ``pack_decision``)
@@ -203,6 +223,12 @@ def _customer_from(self: Customer, values: tuple[Any, ...]) -> None:
             capital.opened_at, capital.balance, capital.last_contact, capital.clean_since,
             capital.steps, capital.penalties)
         values = (*values[:3], *own, *values[4:])
+    penalties, taken = values[8], values[20]
+    if penalties and not isinstance(penalties[0], tuple):  # objects, pickled before
+        values = (*values[:8], tuple(p.row() for p in penalties), *values[9:20],
+                  None if taken is None else {
+                      k: t.row() if isinstance(t, _Taken) else t for k, t in taken.items()},
+                  *values[21:])
     _set_customer(self, values)
 
 
@@ -718,11 +744,8 @@ class Engine:
         penalty = None
         applied = points
         if points < 0 and rule.fade is not None:
-            penalty = Penalty(-points, t, rule.fade, rule.keep, rule.name, ev.id)
-            if c.penalties:
-                c.penalties.append(penalty)  # type: ignore[union-attr]
-            else:
-                c.penalties = [penalty]
+            penalty = fading_penalty(-points, t, rule.fade_key, rule.keep, rule.name, ev.id)
+            c.penalties = (*c.penalties, penalty)
             reason = rule.reason + note if note else rule.reason
         elif points:
             old = c.balance
@@ -741,20 +764,20 @@ class Engine:
             for field in rule.recovered_by:
                 link = _link(ev.get(field))
                 if link is not None:
-                    self._remember(c, (rule.name, link),
-                                   _Taken(at=t, penalty=penalty, permanent=-applied))
+                    self._remember(c, (rule.name, link), (t, penalty, -applied, False))
         if reason:
             ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
                                   reason)))
         if rule.recovery is not None:
             self._recover(c, rule, ev, ledger)
 
-    def _remember(self, c: Customer, key: tuple[str, Any], taken: _Taken) -> None:
+    def _remember(self, c: Customer, key: tuple[str, Any], taken: tuple[Any, ...]) -> None:
         if c.taken is None:
             c.taken = {}
         if len(c.taken) >= 16:
-            horizon = taken.at - self._recovery_window
-            for stale in [k for k, v in c.taken.items() if v.at < horizon or v.recovered]:
+            horizon = taken[0] - self._recovery_window
+            for stale in [key for key, (at, _, _, recovered) in c.taken.items()
+                          if at < horizon or recovered]:
                 del c.taken[stale]
         c.taken[key] = taken
 
@@ -763,23 +786,26 @@ class Engine:
         rec = rule.recovery
         t = ev.ts
         link = _link(ev.get(rec.match))
-        taken = c.taken.get((rec.rule, link)) if link is not None and c.taken else None
-        if taken is None or taken.recovered or t - taken.at > rec.within:
+        key = (rec.rule, link)
+        kept = c.taken.get(key) if link is not None and c.taken else None
+        if kept is None:
             return
-        taken.recovered = True
+        taken = Taken._make(kept)
+        if taken.recovered or t - taken.at > rec.within:
+            return
+        c.taken[key] = (taken.at, taken.penalty, taken.permanent, True)
         cap = self._rules.capital
         refund = 0.0
         penalty = taken.penalty
-        if penalty is not None and any(p is penalty for p in c.penalties):
-            refund = penalty.remaining(t) * rec.refund
-            penalty.points *= 1.0 - rec.refund
-            if penalty.points <= 0:
-                c.penalties = [p for p in c.penalties if p is not penalty] or ()
-            else:
-                penalty.reschedule()
+        if penalty is not None and penalty in c.penalties:  # (still fading: not settled)
+            refund = remaining(penalty, t) * rec.refund
+            index = c.penalties.index(penalty)
+            points = penalty[0] * (1.0 - rec.refund)
+            rest = () if points <= 0 else (fading_penalty(points, *penalty[1:6]),)
+            c.penalties = (*c.penalties[:index], *rest, *c.penalties[index + 1:])
         else:
-            owed = taken.permanent if penalty is None else (
-                penalty.points * penalty.keep if penalty.keep > 0 else 0.0)
+            points, keep = (0.0, 0.0) if penalty is None else (penalty[0], penalty[3])
+            owed = taken.permanent if penalty is None else points * keep
             old = c.balance
             c.balance = clamp(old + owed * rec.refund, cap.min, cap.max)
             refund = c.balance - old

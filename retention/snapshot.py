@@ -17,50 +17,15 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from .capital import HalfLifeFade, LinearFade, Penalty, RateFade
-from .engine import _MARSHALLED_DECISION, Customer, _Taken, pack_decision
+from .engine import _MARSHALLED_DECISION, Customer, pack_decision
 from .models import Decision
 
 _MARSHAL, _PICKLE = b"M", b"P"
 _new = object.__new__
 
-#: encoded fade -> the fade object, shared by every penalty that uses it
-_FADES: dict[tuple[Any, ...], Any] = {}
-
 
 class _Unfit(Exception):
     """A value the marshal form cannot carry exactly."""
-
-
-def _fade_out(fade: Any) -> tuple[Any, ...]:
-    kind = type(fade)
-    if kind is LinearFade:
-        return ("L", fade.over)
-    if kind is HalfLifeFade:
-        return ("H", fade.half_life)
-    if kind is RateFade:
-        return ("R", fade.rate, fade.per)
-    raise _Unfit(kind.__name__)
-
-
-def _fade_in(code: tuple[Any, ...]) -> Any:
-    fade = _FADES.get(code)
-    if fade is None:
-        kind = code[0]
-        fade = (LinearFade(code[1]) if kind == "L" else HalfLifeFade(code[1])
-                if kind == "H" else RateFade(code[1], code[2]))
-        _FADES[code] = fade
-    return fade
-
-
-def _penalty_out(p: Penalty) -> tuple[Any, ...]:
-    return (p.points, p.t0, _fade_out(p.fade), p.keep, p.rule, p.event_id, p.settles_at)
-
-
-def _penalty_in(row: tuple[Any, ...]) -> Penalty:
-    p = _new(Penalty)
-    p.__setstate__((row[0], row[1], _fade_in(row[2]), *row[3:]))
-    return p
 
 
 def _decision_in(kept: bytes | tuple[Any, ...] | Decision) -> bytes:
@@ -106,28 +71,16 @@ def _current(c: Customer) -> Customer:
     return c
 
 
-def _taken_out(t: _Taken) -> tuple[Any, ...]:
-    return (t.at, None if t.penalty is None else _penalty_out(t.penalty), t.permanent,
-            t.recovered)
-
-
-def _taken_in(row: tuple[Any, ...]) -> _Taken:
-    t = _new(_Taken)
-    t.__setstate__((row[0], None if row[1] is None else _penalty_in(row[1]), *row[2:]))
-    return t
-
-
 def encode(c: Customer) -> bytes:
     """The bytes of a customer's state (its ``log`` included as it is)."""
     try:
         state = None if c.opened_at is None else (
-            c.balance, c.opened_at, c.last_contact, c.clean_since, c.steps,
-            tuple(_penalty_out(p) for p in c.penalties))
+            c.balance, c.opened_at, c.last_contact, c.clean_since, c.steps, c.penalties)
         values = (
             c.id, bytes(c.log), c.last, state, bytes(c.armed), bytes(c.fired), c.level_time,
             c.horizon, c.purchases, c.spent, c.consent, c.counts, c.rewarded,
             c.windows, c.repeats,  # (bytearrays: marshal writes their bytes)
-            None if c.taken is None else {k: _taken_out(t) for k, t in c.taken.items()},
+            c.taken,
             c.pressure,
             c.decisions,
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
@@ -146,12 +99,8 @@ def decode(blob: bytes) -> Customer:
         capital: tuple[Any, ...] = (None, 0.0, 0.0, 0.0, 0, ())
     else:
         balance, opened_at, last_contact, clean_since, steps, penalties = state
-        capital = (opened_at, balance, last_contact, clean_since, steps,
-                   [_penalty_in(p) for p in penalties] if penalties else ())
-    taken = v[15]
-    if taken is not None:
-        taken = {k: _taken_in(t) for k, t in taken.items()}
+        capital = (opened_at, balance, last_contact, clean_since, steps, penalties)
     c = _new(Customer)
     c.__setstate__((v[0], bytearray(v[1]), v[2], *capital, bytearray(v[4]), bytearray(v[5]),
-                    *v[6:15], taken, *v[16:]))
+                    *v[6:]))
     return _current(c)  # (windows held as bytes become bytearrays there)

@@ -27,8 +27,9 @@ def rule_files(draw) -> str:
     lines.append("  billing: {when: event.type == \"billing\", points: "
                  f"-{draw(st.integers(2, 30))}"
                  + (", repeat: {within: 30d, factor: 1.5}" if repeat else "") + "}")
+    complaint_fades = draw(st.sampled_from(["", ", fades_over: 10d", ", half_life: 6d, keep: 0.4"]))
     lines.append(f"  complaint: {{when: event.type == \"complaint\", points: "
-                 f"-{draw(st.integers(2, 30))}}}")
+                 f"-{draw(st.integers(2, 30))}{complaint_fades}}}")
     lines.append("  resolved: {when: event.type == \"resolved\", recovers: complaint, "
                  f"match: ticket, within: 5d, refund: {draw(st.sampled_from([1.0, 0.5]))}, "
                  f"bonus: {draw(st.integers(0, 5))}}}")

@@ -227,9 +227,8 @@ def test_the_silence_firing_is_planned_never_late_and_exactly_without_traces(
 
     from retention.capital import (
         CapitalState,
-        LinearFade,
-        Penalty,
         capital_at,
+        fading_penalty,
         level_transitions,
         next_level_change,
     )
@@ -247,8 +246,8 @@ actions:
     start = 1_767_225_600.0  # 2026-01-01
     state = CapitalState(balance=float(balance), opened_at=start, last_contact=start,
                          clean_since=start)
-    state.penalties = [Penalty(float(p), start - d * DAY, LinearFade(40 * DAY), keep, "x", "e")
-                       for p, d, keep in traces] or ()
+    state.penalties = tuple(fading_penalty(float(p), start - d * DAY, ("L", 40 * DAY), keep,
+                                           "x", "e") for p, d, keep in traces)
     assume(capital_at(state, rules, start) >= 55)  # else the level would not be armed
     due = next_level_change(state, rules, start, 55.0, math.inf)[1]
     moves = level_transitions(state, rules, bytearray(b"\x01"), start,

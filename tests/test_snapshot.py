@@ -154,34 +154,53 @@ actions:
 
 def test_customers_pickled_with_their_capital_apart_still_load(monkeypatch):
     """Snapshots pickled before a customer held its capital itself had a
-    CapitalState (None for a prospect) in fourth place."""
+    CapitalState (None for a prospect) in fourth place, and penalties and taken
+    incidents as objects; they load, and a recovery still finds its incident."""
     import pickle
 
-    from retention.capital import CapitalState
-    from retention.engine import Customer
+    from retention.capital import CapitalState, LinearFade, Penalty
+    from retention.engine import Customer, _Taken
     from retention.snapshot import _PICKLE
 
-    engine = Engine.from_path("examples/rules/retail.yaml")
-    engine.process({"id": "p", "customer": "c", "type": "purchase", "amount": 30,
-                    "at": "2026-01-01T10:00:00+00:00"})
-    engine.process({"id": "d", "customer": "c", "type": "delivery", "delay_days": 6,
-                    "at": "2026-01-05T10:00:00+00:00"})
-    engine.process({"id": "v", "customer": "v", "type": "page_view",
-                    "at": "2026-01-05T10:00:00+00:00"})
+    rules = load_texts([("rules.yaml", """
+capital: {initial: 70, min: 0, max: 100}
+rules:
+  late: {when: event.type == "late", points: -20, fades_over: 30d}
+  fixed: {when: event.type == "fixed", recovers: late, match: ticket, within: 7d}
+""")])
+    engine = Engine(rules)
+    for i, (kind, day) in enumerate((("purchase", 1), ("late", 2), ("view", 2))):
+        engine.process({"id": f"e{i}", "customer": "v" if kind == "view" else "c",
+                        "type": kind, "ticket": "t1", "at": f"2026-01-0{day}T10:00:00+00:00"})
     opened, prospect = engine._customers["c"], engine._customers["v"]
-    assert opened.penalties and prospect.opened_at is None
+    assert opened.penalties and opened.taken and prospect.opened_at is None
     current = Customer.__getstate__
+
+    def penalty(row):
+        return Penalty(row[0], row[1], LinearFade(row[2][1]), *row[3:])
 
     def earlier(c):
         fields = current(c)
         capital = None if c.opened_at is None else CapitalState(
             balance=c.balance, opened_at=c.opened_at, last_contact=c.last_contact,
-            clean_since=c.clean_since, steps=c.steps, penalties=c.penalties)
-        return (*fields[:3], capital, *fields[9:])
+            clean_since=c.clean_since, steps=c.steps,
+            penalties=[penalty(p) for p in c.penalties] or ())
+        taken = None if c.taken is None else {
+            key: _Taken(at, None if p is None else penalty(p), permanent, recovered)
+            for key, (at, p, permanent, recovered) in c.taken.items()}
+        return (*fields[:3], capital, *fields[9:20], taken, *fields[21:])
 
+    blobs = {}
     for customer in (opened, prospect):
         with monkeypatch.context() as patch:
             patch.setattr(Customer, "__getstate__", earlier)
-            blob = _PICKLE + pickle.dumps(customer)
+            blobs[customer.id] = _PICKLE + pickle.dumps(customer)
         assert len(earlier(customer)) == 24
-        assert deep(decode(blob)) == deep(customer)
+        assert deep(decode(blobs[customer.id])) == deep(customer)
+    twin = Engine(rules)
+    twin._customers["c"] = decode(blobs["c"])
+    fixed = {"id": "f", "customer": "c", "type": "fixed", "ticket": "t1",
+             "at": "2026-01-04T10:00:00+00:00"}
+    outcome = twin.process(fixed)
+    assert [e.rule for e in outcome.ledger] == ["fixed"]
+    assert deep(outcome) == deep(engine.process(fixed))

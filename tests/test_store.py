@@ -398,6 +398,28 @@ def test_any_batches_order_and_repeats_give_the_same_database(text, events, data
         assert got["customers"] == expected["customers"]
 
 
+def test_a_fading_incident_recovered_in_a_later_batch_is_refunded(tmp_path):
+    """The customer comes back from their snapshot between the batches: the incident
+    it recovers is found again, still fading, and refunded as in one batch."""
+    rules = simple_rules(tmp_path, """
+capital: {initial: 70, min: 0, max: 100}
+rules:
+  late: {when: event.type == "late", points: -20, fades_over: 30d, category: incident}
+  fixed: {when: event.type == "fixed", recovers: late, match: ticket, within: 7d,
+          refund: 0.5, category: recovery}
+""")
+    events = [event("p", "c", "purchase", 0), event("l", "c", "late", 1, ticket="t1"),
+              event("f", "c", "fixed", 3, ticket="t1")]
+    with Engine.open(tmp_path / "one.db", rules=rules) as one, \
+            Engine.open(tmp_path / "two.db", rules=rules) as two:
+        one.ingest(events)
+        two.ingest(events[:2])
+        two.ingest(events[2:])
+        assert [e.rule for e in two.explain("c")] == ["opening", "late", "fixed"]
+        assert same_database(two) == same_database(one)
+        assert later_capitals(two) == later_capitals(one)
+
+
 # -- late events ----------------------------------------------------------------------------
 
 

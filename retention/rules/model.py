@@ -86,6 +86,12 @@ class Rule:
     reason: str = attrs.field(init=False)
     #: the compiled condition itself, one attribute away on the hot path
     test: Any = attrs.field(init=False, repr=False, eq=False)
+    #: the fade as a penalty carries it (see ``capital.FadeKey``)
+    fade_key: tuple[Any, ...] | None = attrs.field(init=False, repr=False, eq=False)
+
+    @fade_key.default
+    def _fade_key(self) -> tuple[Any, ...] | None:
+        return None if self.fade is None else self.fade.key
 
     @test.default
     def _test(self) -> Any:
