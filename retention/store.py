@@ -4,7 +4,8 @@
 same engine, with its customers kept in the database instead of memory. Events
 go in by batches, one transaction per batch: a batch lands whole, with its
 events, snapshots, ledger and decisions, or not at all. Memory holds only the
-customers of the batch at hand, so it stays flat however many are stored.
+customers of the batch at hand, and a bounded number kept as stored for the next
+batch (``KEEP``), so it stays flat however many are stored.
 
 Tables (see ``migrations/``): ``events`` (append-only, keyed by source and id),
 ``customers`` (one snapshot per customer, indexed on ``next_change_at``),
@@ -31,6 +32,7 @@ import math
 import re
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
@@ -80,6 +82,9 @@ BATCH = 50_000
 #: SQLite's page cache per connection (KiB): bounded, whatever the number of
 #: customers stored
 CACHE_KIB = 16_384
+#: customers kept in memory from one ingest batch to the next, exactly as stored
+#: (a bounded cache: memory stays flat however many customers are stored)
+KEEP = 50_000
 #: customers loaded or written per statement (under SQLite's variable limit)
 _CHUNK = 500
 
@@ -249,6 +254,15 @@ class StoredEngine(Engine):
         self._drop: set[str] = set()
         #: (source, id) of the events the batch stored
         self._landed: list[tuple[Any, ...]] = []
+        #: the customers whose snapshots the batch wrote, as written
+        self._stored: dict[str, Customer] = {}
+        #: customers as the last ingest batches stored them, least recently stored
+        #: first; good for the next batch only (see ``_check_kept``)
+        self._kept: OrderedDict[str, Customer] = OrderedDict()
+        #: SQLite's data_version when the kept customers were last checked
+        self._kept_version: int | None = None
+        #: whether the transaction at hand is an ingest batch that may use them
+        self._keeping = False
         #: the rules in use and their hash, to notice another process's `rules use`
         self._rules_hash: tuple[RuleSet, str] | None = None
         if given is not None:
@@ -360,6 +374,7 @@ class StoredEngine(Engine):
             [_rules_hash(rules), files, _now_text()])
 
     def close(self) -> None:
+        self._kept.clear()
         self.db.close()
 
     def __enter__(self) -> StoredEngine:
@@ -368,9 +383,21 @@ class StoredEngine(Engine):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _writing(self) -> Any:
-        """One transaction; a SQLite failure becomes a StoreError (nothing is kept)."""
-        return _Transaction(self)
+    def _writing(self, *, ingest: bool = False) -> Any:
+        """One transaction; a SQLite failure becomes a StoreError (nothing is kept).
+        Only an ``ingest`` batch may use the customers kept from the one before."""
+        return _Transaction(self, ingest)
+
+    def _check_kept(self, ingest: bool) -> None:
+        """At the start of a transaction: the customers kept from the last ingest
+        batch are what their snapshots hold as long as no other connection has
+        committed since (SQLite's data_version says) and this engine has written
+        nothing but ingest batches; otherwise they are dropped."""
+        version = self.db.execute("PRAGMA data_version").fetchone()[0]
+        if not ingest or version != self._kept_version:
+            self._kept.clear()
+        self._kept_version = version
+        self._keeping = ingest
 
     # -- loading and saving customers ---------------------------------------------------
 
@@ -379,6 +406,17 @@ class StoredEngine(Engine):
         absent = self._absent
         wanted = [cid for cid in dict.fromkeys(ids)
                   if cid not in self._customers and cid not in absent]
+        if self._keeping and self._kept:
+            kept, rest = self._kept, []
+            for cid in wanted:
+                c = kept.pop(cid, None)
+                if c is None:
+                    rest.append(cid)
+                else:  # (taken out: a batch that fails does not give it back)
+                    # as stored: without the events stored before (see _ensure_log)
+                    self._customers[cid] = c
+                    self._partial.add(cid)
+            wanted = rest
         absent.update(wanted)  # until found below: not asked again in this batch
         for cid, blob in self._rows_in("SELECT id, state FROM customers WHERE id IN ({})",
                                        wanted):
@@ -409,7 +447,18 @@ class StoredEngine(Engine):
         self._load([cid])
         return self._customers.get(cid)
 
-    def _forget_loaded(self) -> None:
+    def _forget_loaded(self, *, keep: bool = False) -> None:
+        """The batch is over: forget its customers, but ``keep`` those it stored (it
+        committed) for the next one."""
+        if keep:
+            kept = self._kept
+            for cid, c in self._stored.items():
+                if self._customers.get(cid) is c:
+                    kept[cid] = c
+                    kept.move_to_end(cid)
+            while len(kept) > KEEP:
+                kept.popitem(last=False)
+        self._stored.clear()
         self._customers.clear()
         self._planned.clear()
         self._absent.clear()
@@ -484,6 +533,7 @@ class StoredEngine(Engine):
                 c, rules, c.last[0])
             c.log = bytearray()  # the event log holds the events (see _ensure_log)
             self._partial.add(cid)
+            self._stored[cid] = c
             rows.append((cid, c.opened_at, c.level(rules),
                          capital, c.last[0] if c.last else None,
                          c.scheduled if c.scheduled < math.inf else None,
@@ -680,8 +730,9 @@ class StoredEngine(Engine):
             except EventError as exc:
                 reject(item, str(exc))
 
+        landed = False
         try:
-            with self._writing():
+            with self._writing(ingest=True):
                 self.follow_rules()
                 if also is not None:
                     also()
@@ -699,8 +750,9 @@ class StoredEngine(Engine):
                     self.db.conn.executemany(
                         "DELETE FROM dead_letters WHERE source = ? AND event_id = ?",
                         [row[:2] for row in self._landed])
+            landed = True
         finally:
-            self._forget_loaded()
+            self._forget_loaded(keep=landed)
         report.dead_lettered = len(dead)
         return report
 
@@ -1243,16 +1295,21 @@ class StoredEngine(Engine):
 class _Transaction:
     """``with`` one SQLite transaction; SQLite errors surface as StoreError."""
 
-    def __init__(self, store: StoredEngine):
+    def __init__(self, store: StoredEngine, ingest: bool):
         self.store = store
+        self.ingest = ingest
 
     def __enter__(self) -> None:
         try:
             self.store.db.conn.execute("BEGIN IMMEDIATE")
+            self.store._check_kept(self.ingest)
         except sqlite3.Error as exc:
+            with suppress(sqlite3.Error):
+                self.store.db.conn.execute("ROLLBACK")
             raise _explain_open_error(self.store.path, exc) from None
 
     def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        self.store._keeping = False
         conn = self.store.db.conn
         if kind is None:
             try:

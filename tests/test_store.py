@@ -1052,3 +1052,50 @@ def test_a_version_2_event_log_is_moved_to_the_appended_table(tmp_path):
     with Engine.open(tmp_path / "new.db", rules=RETAIL) as fresh:
         fresh.ingest(events)
         assert migrated == same_database(fresh)
+
+
+# -- customers kept between batches ------------------------------------------------------
+
+
+def test_customers_kept_between_batches_follow_another_connections_writes(tmp_path):
+    """A customer kept in memory from the last batch is dropped once another
+    connection has committed: its events count."""
+    path, rules = tmp_path / "shared.db", simple_rules(tmp_path)
+    with Engine.open(path, rules=rules) as first, Engine.open(path) as second:
+        first.ingest([event("p", "c1", "purchase", 0), event("g", "c1", "gift", 1)])
+        assert "c1" in first._kept
+        second.ingest([event("i", "c1", "incident", 2)])
+        first.ingest([event("r", "c1", "review", 3)])
+        assert [e.event_id for e in first.explain("c1")] == ["p", "g", "i", "r"]
+        assert first.capital("c1") == 50 + 20 - 15 + 2
+
+
+def test_customers_kept_between_batches_follow_this_engines_other_writes(tmp_path):
+    """A tick, a rules switch or an erasure writes snapshots outside ingestion: the
+    kept customers are dropped, and the next batch starts from what was stored."""
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        store.ingest([event("p", "c1", "purchase", 0), event("i", "c1", "incident", 2),
+                      event("j", "c1", "incident", 3)])
+        assert store.level("c1") == "watch" and "c1" in store._kept
+        store.use_rules(simple_rules(tmp_path, SIMPLE.replace("below: 40", "below: 15")))
+        assert store.level("c1") is None and not store._kept
+        store.ingest([event("k", "c1", "incident", 4)])
+        assert store.level("c1") == "watch"  # at 5: fired now, under the new level
+        assert [d.trigger for d in store.decisions("c1")] == ["k"]
+        store.forget("c1")
+        store.ingest([event("r", "c1", "review", 5)])
+        assert store.capital("c1") is None  # a prospect again: nothing of before
+
+
+def test_kept_customers_are_bounded_and_give_what_reloading_gives(tmp_path, monkeypatch):
+    import retention.store as store_module
+
+    monkeypatch.setattr(store_module, "KEEP", 40)
+    events = retail_events(1500)
+    with Engine.open(tmp_path / "kept.db", rules=RETAIL, batch_size=97) as kept, \
+            Engine.open(tmp_path / "one.db", rules=RETAIL) as one:
+        kept.ingest(events)
+        one.ingest(events)
+        assert 0 < len(kept._kept) <= 40
+        assert dump(kept, skip=ENCODING) == dump(one, skip=ENCODING)
+        assert later_capitals(kept) == later_capitals(one)
