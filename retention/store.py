@@ -84,7 +84,7 @@ BATCH = 50_000
 CACHE_KIB = 16_384
 #: customers kept in memory from one ingest batch to the next, exactly as stored
 #: (a bounded cache: memory stays flat however many customers are stored)
-KEEP = 50_000
+KEEP = 20_000
 #: customers loaded or written per statement (under SQLite's variable limit)
 _CHUNK = 500
 
