@@ -546,14 +546,24 @@ class StoredEngine(Engine):
             " next_change_at = excluded.next_change_at, state = excluded.state", rows)
 
     def _insert_ledger(self, entries: Iterable[LedgerEntry]) -> None:
-        rows = []
-        moment = ts = text = None
+        rows: list[tuple[Any, ...]] = []
+        self._ledger_rows(entries, rows)
+        self._write_ledger(rows)
+
+    @staticmethod
+    def _ledger_rows(entries: Iterable[LedgerEntry], rows: list[tuple[Any, ...]],
+                     moment: datetime | None = None, ts: float | None = None,
+                     text: str | None = None) -> None:
+        """Append the ledger rows of ``entries`` to ``rows``; an entry at ``moment``
+        (given with its ``ts`` and ``text``: the event's) is written with them."""
         for e in entries:
             if e.at is not moment:  # (an event's entries share its time: written once)
                 moment = e.at
                 ts, text = moment.timestamp(), moment.isoformat()
             rows.append((e.customer, ts, text, e.rule, e.points, e.event_id, e.category,
                          e.reason))
+
+    def _write_ledger(self, rows: list[tuple[Any, ...]]) -> None:
         self.db.conn.executemany(
             "INSERT INTO ledger (customer, ts, at, rule, points, event_id, category, reason)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
@@ -765,9 +775,10 @@ class StoredEngine(Engine):
         self._load({aliases.get(ev.customer, ev.customer) for ev in events})
         touched: dict[str, None] = {}
         new_events: list[tuple[Any, ...]] = []
-        ledger: list[LedgerEntry] = []
+        ledger: list[tuple[Any, ...]] = []  # rows, written once the batch is known
         decisions: list[Decision] = []
         segment: list[tuple[Event, Incoming]] = []
+        ledger_rows = self._ledger_rows
 
         def run_segment() -> None:
             segment.sort(key=lambda s: (s[0].ts, s[0].id, s[0].source))
@@ -803,10 +814,10 @@ class StoredEngine(Engine):
                     continue
                 report.ingested += 1
                 touched[canonical] = None
-                new_events.append((ev.source, ev.id, canonical, ev.type, ev.at.isoformat(),
-                                   ev.ts, props))
+                at = ev.at.isoformat()
+                new_events.append((ev.source, ev.id, canonical, ev.type, at, ev.ts, props))
                 if canonical not in self._rewrite:
-                    ledger.extend(outcome.ledger)
+                    ledger_rows(outcome.ledger, ledger, ev.at, ev.ts, at)
                 decisions.extend(outcome.decisions)
             segment.clear()
 
@@ -828,7 +839,7 @@ class StoredEngine(Engine):
 
         # a customer recomputed in this batch has its whole ledger written again
         skip = self._rewrite | self._gone
-        self._insert_ledger(e for e in ledger if e.customer not in skip)
+        self._write_ledger([r for r in ledger if r[0] not in skip] if skip else ledger)
         self._insert_decisions(d for d in decisions if d.customer not in self._rewrite)
         self._save(touched, rewrite=[cid for cid in self._rewrite if cid in touched])
         report.decisions += len(decisions)
