@@ -87,6 +87,7 @@ def tick_with(customers: int, folder: Path, seed: int) -> None:
     engine = Engine.open(path, rules=RULES)
     started = time.perf_counter()
     chunk = 100_000
+    memory: list[float] = []
     for first in range(0, customers, chunk):
         part = generate(min(chunk, customers - first), 1.0, seed + first)
         for event in part:  # distinct customers and ids per chunk
@@ -94,9 +95,10 @@ def tick_with(customers: int, folder: Path, seed: int) -> None:
             event["id"] = f"b{first}-{event['id']}"
         engine.ingest(part)
         del part
+        memory.append(rss_mb())
     stored = engine.db.execute("SELECT count(*) FROM customers").fetchone()[0]
-    print(f"stored {stored:,} customers in {time.perf_counter() - started:.0f} s "
-          f"(memory now {rss_mb():,.0f} MB)")
+    print(f"stored {stored:,} customers in {time.perf_counter() - started:.0f} s; memory "
+          f"after each {chunk:,} (MB): " + " ".join(f"{m:,.0f}" for m in memory))
     due_wanted = max(1, stored // 100)
     row = engine.db.execute(
         "SELECT next_change_at FROM customers WHERE next_change_at IS NOT NULL"
