@@ -517,6 +517,11 @@ def next_level_change(
     return min(step, due), due
 
 
+#: licence steps :func:`_silence_fire` looks through (a licence of tiny steps would
+#: otherwise cost a step each)
+_FIRE_STEPS = 32
+
+
 def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
                   owed: float, steps: int, remembered: float) -> float:
     """A time never later than the first at which the silence drain takes capital
@@ -525,7 +530,9 @@ def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
     From ``t`` on, capital is at least ``B + Lic(x) - T(t) - S(x)``: the licence only
     gives, traces only fade. Between two licence steps the drain passes that bound
     at a time in closed form; when that is after the next step, the search goes on
-    from the step with its points. Exact while no trace is left to fade.
+    from the step with its points (through ``_FIRE_STEPS`` steps at most: past them,
+    the time found so far, still never late). Exact while no trace is left to fade
+    and the firing comes within those steps.
 
     ``owed`` and ``steps`` are the licence's at ``t``, ``remembered`` is ``T(t)``.
     """
@@ -533,7 +540,7 @@ def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
     licence = rules.licence
     assert silence is not None
     room = licence.up_to - state.balance - owed if licence is not None else 0.0
-    while True:
+    for _ in range(_FIRE_STEPS):
         margin = state.balance + owed - remembered - highest  # the drain may take this
         days = silence.after / DAY + max(margin, 0.0) / silence.rate_per_day
         fire = state.last_contact + days * DAY
@@ -541,12 +548,14 @@ def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
             return fire
         assert licence is not None
         step_at = state.clean_since + (steps + 1) * licence.clean_for
-        if math.ceil(fire * 1000.0) < math.ceil(step_at * 1000.0):
-            return fire  # a millisecond before the step fires
+        # the first millisecond below the level (at ``fire`` itself capital is on it)
+        if math.floor(fire * 1000.0) + 1 < math.ceil(step_at * 1000.0):
+            return fire  # it comes before the step
         gain = min(licence.points, room)
         owed += gain
         room -= gain
         steps += 1
+    return fire  # nothing fires before it: later steps only give more
 
 
 def _licence_rearm(state: Capital, rules: RuleSet, t: float, steps: int,

@@ -224,11 +224,12 @@ def _customer_from(self: Customer, values: tuple[Any, ...]) -> None:
             capital.steps, capital.penalties)
         values = (*values[:3], *own, *values[4:])
     penalties, taken = values[8], values[20]
-    if penalties and not isinstance(penalties[0], tuple):  # objects, pickled before
-        values = (*values[:8], tuple(p.row() for p in penalties), *values[9:20],
-                  None if taken is None else {
-                      k: t.row() if isinstance(t, _Taken) else t for k, t in taken.items()},
-                  *values[21:])
+    # penalties and taken incidents pickled as objects before they were plain tuples
+    if penalties and not isinstance(penalties[0], tuple):
+        values = (*values[:8], tuple(p.row() for p in penalties), *values[9:])
+    if taken and any(isinstance(t, _Taken) for t in taken.values()):
+        values = (*values[:20], {k: t.row() if isinstance(t, _Taken) else t
+                                 for k, t in taken.items()}, *values[21:])
     _set_customer(self, values)
 
 
@@ -801,8 +802,15 @@ class Engine:
             refund = remaining(penalty, t) * rec.refund
             index = c.penalties.index(penalty)
             points = penalty[0] * (1.0 - rec.refund)
-            rest = () if points <= 0 else (fading_penalty(points, *penalty[1:6]),)
-            c.penalties = (*c.penalties[:index], *rest, *c.penalties[index + 1:])
+            left = fading_penalty(points, *penalty[1:6]) if points > 0 else None
+            c.penalties = (*c.penalties[:index], *((left,) if left else ()),
+                           *c.penalties[index + 1:])
+            # another recovery of the same incident (matched on another field) finds
+            # what is left of it; nothing once it is all refunded
+            now = left if left is not None else (0.0, *penalty[1:])
+            for other, (at, held, permanent, recovered) in list(c.taken.items()):
+                if held == penalty:
+                    c.taken[other] = (at, now, permanent, recovered)
         else:
             points, keep = (0.0, 0.0) if penalty is None else (penalty[0], penalty[3])
             owed = taken.permanent if penalty is None else points * keep

@@ -160,3 +160,68 @@ def test_a_property_that_cannot_be_kept_is_refused_whole():
                    "handle": lambda: None})
     assert e.capital("c", at="2026-01-03T00:00:00Z") == 45
     assert [x.event_id for x in e.explain("c")] == ["o", "a"]
+
+
+@pytest.mark.parametrize("offset", [-3600, -1, -0.002, -0.001, 0, 0.001, 1, 3600])
+def test_a_silence_firing_next_to_a_licence_step_is_planned_to_the_millisecond(offset):
+    """Silence takes capital below the level ``offset`` seconds from a licence step:
+    before it, the firing is then; from the step on, the step's points put it a day
+    later. The plan is that time, or the millisecond before, never after."""
+    from retention.capital import CapitalState, level_transitions, next_level_change
+
+    day = 86400.0
+    rules = engine("""
+capital: {initial: 70, min: 0, max: 100}
+silence: {after: 5d, rate_per_day: 1}
+licence: {clean_for: 10d, points: 1, up_to: 80}
+levels:
+  - {name: watch, below: 54.9, then: [flag]}
+actions:
+  flag: {kind: service, via: crm_tag}
+""").rules
+    now = 1_767_225_600.0
+    # the drain passes the 5.1 points of margin 10.1 days after the contact
+    contact = now + 10 * day + offset - 10.1 * day
+    state = CapitalState(balance=60.0, opened_at=now - day, last_contact=contact,
+                         clean_since=now)
+    due = next_level_change(state, rules, now, 54.9, math.inf)[1]
+    (first, _, kind), *_ = level_transitions(state, rules, bytearray(b"\x01"), now,
+                                             now + 365 * day, include_end=True)
+    assert kind == "fire"
+    # before the step, or (level reached, not passed, by the step's millisecond) a day later
+    assert (first < now + 10 * day) == (offset <= -0.002)
+    assert 0 <= first - due < 0.0015
+
+
+@pytest.mark.parametrize("keep, refund, second", [(0, 0.5, 4.8333), (0.5, 1.0, 0.0)])
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_two_recoveries_of_one_incident_refund_what_is_left(keep, refund, second, reloaded):
+    """Two rules recover the same fading incident through different fields: the second
+    refunds its share of what the first left (nothing once all of it came back), also
+    when the customer came back from a snapshot in between."""
+    from retention.snapshot import decode, encode
+
+    e = engine(f"""
+capital: {{initial: 70, min: 0, max: 100}}
+rules:
+  late: {{when: event.type == "late", points: -20, fades_over: 60d, keep: {keep}}}
+  fixed: {{when: event.type == "fixed", recovers: late, match: ticket, within: 30d,
+          refund: {refund}}}
+  refunded: {{when: event.type == "refunded", recovers: late, match: order, within: 30d,
+             refund: {refund}}}
+""")
+
+    def at(day):
+        return f"2024-01-0{day}T00:00:00+00:00"
+
+    e.process({"id": "p", "customer": "c", "type": "purchase", "at": at(1)})
+    e.process({"id": "l", "customer": "c", "type": "late", "ticket": "T1", "order": "O1",
+               "at": at(2)})
+    first = e.process({"id": "f", "customer": "c", "type": "fixed", "ticket": "T1",
+                       "at": at(3)})
+    assert first.ledger[0].points == pytest.approx(20 * (1 - 1 / 60) * refund)
+    if reloaded:
+        e._customers["c"] = decode(encode(e._customers["c"]))
+    then = e.process({"id": "r", "customer": "c", "type": "refunded", "order": "O1",
+                      "at": at(4)})
+    assert sum(x.points for x in then.ledger) == pytest.approx(second, abs=1e-4)

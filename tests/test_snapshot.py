@@ -167,13 +167,19 @@ capital: {initial: 70, min: 0, max: 100}
 rules:
   late: {when: event.type == "late", points: -20, fades_over: 30d}
   fixed: {when: event.type == "fixed", recovers: late, match: ticket, within: 7d}
+  complaint: {when: event.type == "complaint", points: -10}
+  answered: {when: event.type == "answered", recovers: complaint, match: ticket, within: 7d}
 """)])
     engine = Engine(rules)
-    for i, (kind, day) in enumerate((("purchase", 1), ("late", 2), ("view", 2))):
-        engine.process({"id": f"e{i}", "customer": "v" if kind == "view" else "c",
-                        "type": kind, "ticket": "t1", "at": f"2026-01-0{day}T10:00:00+00:00"})
+    for i, (who, kind, day) in enumerate((("c", "purchase", 1), ("c", "late", 2),
+                                          ("v", "view", 2), ("k", "purchase", 1),
+                                          ("k", "complaint", 2))):
+        engine.process({"id": f"e{i}", "customer": who, "type": kind, "ticket": "t1",
+                        "at": f"2026-01-0{day}T10:00:00+00:00"})
     opened, prospect = engine._customers["c"], engine._customers["v"]
     assert opened.penalties and opened.taken and prospect.opened_at is None
+    permanent = engine._customers["k"]  # a taken incident and no penalty
+    assert permanent.taken and not permanent.penalties
     current = Customer.__getstate__
 
     def penalty(row):
@@ -191,7 +197,7 @@ rules:
         return (*fields[:3], capital, *fields[9:20], taken, *fields[21:])
 
     blobs = {}
-    for customer in (opened, prospect):
+    for customer in (opened, prospect, permanent):
         with monkeypatch.context() as patch:
             patch.setattr(Customer, "__getstate__", earlier)
             blobs[customer.id] = _PICKLE + pickle.dumps(customer)
@@ -204,3 +210,8 @@ rules:
     outcome = twin.process(fixed)
     assert [e.rule for e in outcome.ledger] == ["fixed"]
     assert deep(outcome) == deep(engine.process(fixed))
+    twin._customers["k"] = decode(blobs["k"])
+    answered = {**fixed, "id": "a", "customer": "k", "type": "answered"}
+    outcome = twin.process(answered)
+    assert [(e.rule, e.points) for e in outcome.ledger] == [("answered", 10)]
+    assert deep(outcome) == deep(engine.process(answered))

@@ -1099,3 +1099,29 @@ def test_kept_customers_are_bounded_and_give_what_reloading_gives(tmp_path, monk
         assert 0 < len(kept._kept) <= 40
         assert dump(kept, skip=ENCODING) == dump(one, skip=ENCODING)
         assert later_capitals(kept) == later_capitals(one)
+
+
+def test_a_batch_that_fails_after_writing_its_snapshots_keeps_none_of_its_customers(
+        tmp_path, monkeypatch):
+    """The snapshots were written, then the batch failed: what it held in memory is
+    ahead of the rolled-back database, so none of it serves the next batch."""
+    events = retail_events(1200)
+    first, second = events[:600], events[600:]
+    with Engine.open(tmp_path / "clean.db", rules=RETAIL) as clean:
+        clean.ingest(first)
+        clean.ingest(second)
+        expected = dump(clean, skip=ENCODING)
+    with Engine.open(tmp_path / "r.db", rules=RETAIL) as store:
+        store.ingest(first)
+        real = StoredEngine._apply_steps
+
+        def fail_after(self, *args, **kwargs):
+            real(self, *args, **kwargs)
+            raise RuntimeError("power cut")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(StoredEngine, "_apply_steps", fail_after)
+            with pytest.raises(RuntimeError, match="power cut"):
+                store.ingest(second)
+        store.ingest(second)
+        assert dump(store, skip=ENCODING) == expected
