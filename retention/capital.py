@@ -127,22 +127,23 @@ class RateFade:
         return f"fades {self.rate * 100:g}% every {self.per / DAY:g} days"
 
 
-#: A fading penalty, ``(points, t0, fade, keep, rule, event_id, settles_at)``:
+#: A fading penalty, ``(points, t0, fade, keep, rule, event, settles_at)``:
 #: ``points`` taken at ``t0``, remembered at ``max(keep, share left)``, the trace
-#: unchanging from ``settles_at`` on (at its keep floor, or negligible). A plain
+#: unchanging from ``settles_at`` on (at its keep floor, or negligible); ``event``
+#: names the event that took them (its id, with its source if any). A plain
 #: tuple, as snapshots write it: Python's cycle collector stops walking a tuple of
 #: plain values, where it would walk an object at every full collection.
 PenaltyRow = tuple[float, float, FadeKey, float, str, str, float]
 
 
 def fading_penalty(points: float, t0: float, fade: FadeKey, keep: float, rule: str,
-                   event_id: str) -> PenaltyRow:
+                   event: str) -> PenaltyRow:
     if points <= 0:
         settles_at = t0
     else:
         floor = keep if keep > 0 else NEGLIGIBLE / points
         settles_at = t0 + reaches(fade, min(floor, 1.0))
-    return (points, t0, fade, keep, rule, event_id, settles_at)
+    return (points, t0, fade, keep, rule, event, settles_at)
 
 
 def remaining(penalty: PenaltyRow, t: float) -> float:
@@ -548,8 +549,10 @@ def _silence_fire(state: Capital, rules: RuleSet, t: float, highest: float,
             return fire
         assert licence is not None
         step_at = state.clean_since + (steps + 1) * licence.clean_for
-        # the first millisecond below the level (at ``fire`` itself capital is on it)
-        if math.floor(fire * 1000.0) + 1 < math.ceil(step_at * 1000.0):
+        last = math.ceil(step_at * 1000.0) - 1  # the step's millisecond, minus one
+        first = math.ceil(fire * 1000.0)  # (or the millisecond before the firing)
+        if first < last or (first == last and raw_capital(state, rules, last / 1000.0)
+                            < highest):
             return fire  # it comes before the step
         gain = min(licence.points, room)
         owed += gain

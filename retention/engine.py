@@ -745,7 +745,9 @@ class Engine:
         penalty = None
         applied = points
         if points < 0 and rule.fade is not None:
-            penalty = fading_penalty(-points, t, rule.fade_key, rule.keep, rule.name, ev.id)
+            # (the event named with its source: two incidents never give equal tuples)
+            penalty = fading_penalty(-points, t, rule.fade_key, rule.keep, rule.name,
+                                     _trigger(ev))
             c.penalties = (*c.penalties, penalty)
             reason = rule.reason + note if note else rule.reason
         elif points:

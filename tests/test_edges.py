@@ -225,3 +225,44 @@ rules:
     then = e.process({"id": "r", "customer": "c", "type": "refunded", "order": "O1",
                       "at": at(4)})
     assert sum(x.points for x in then.ledger) == pytest.approx(second, abs=1e-4)
+
+
+def test_equal_incidents_from_two_sources_are_recovered_apart():
+    """The same event id from two sources at the same time: two incidents, each
+    recovered on its own."""
+    e = engine("""
+capital: {initial: 70, min: 0, max: 100}
+rules:
+  late: {when: event.type == "late", points: -20, fades_over: 60d}
+  fixed: {when: event.type == "fixed", recovers: late, match: ticket, within: 30d,
+          refund: 0.5}
+""")
+    at = "2024-01-0{}T00:00:00+00:00".format
+    e.process({"id": "p", "customer": "c", "type": "purchase", "at": at(1)})
+    for shop, ticket in (("shopA", "T1"), ("shopB", "T2")):
+        e.process({"id": "L", "customer": "c", "type": "late", "ticket": ticket,
+                   "at": at(2), "source": shop})
+    refunds = [e.process({"id": f"f{ticket}", "customer": "c", "type": "fixed",
+                          "ticket": ticket, "at": at(3)}).ledger[0].points
+               for ticket in ("T1", "T2")]
+    assert refunds == [pytest.approx(20 * (1 - 1 / 60) * 0.5)] * 2
+
+
+def test_a_silence_firing_a_hair_below_the_level_before_a_step_is_not_missed():
+    """At the millisecond before a licence step the drain takes capital just below
+    the level (by rounding): it fires there, and the plan says so."""
+    e = engine("""
+capital: {initial: 33.26, min: 0, max: 100}
+silence: {after: 1d, rate_per_day: 0.3}
+licence: {clean_for: 1572480.0005s, points: 1, up_to: 100}
+levels:
+  - {name: watch, below: 28.1, then: [flag]}
+actions:
+  flag: {kind: service, via: crm_tag}
+""")
+    e.process({"id": "p", "customer": "c", "type": "purchase",
+               "at": "2026-01-01T00:00:00+00:00"})
+    outcome = e.process({"id": "x", "customer": "c", "type": "email_open",
+                         "at": "2026-01-21T00:00:00+00:00"})
+    assert [(d.rule, d.trigger) for d in outcome.decisions] == [
+        ("watch", "time:2026-01-19T04:48:00.000Z")]
