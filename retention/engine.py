@@ -116,6 +116,9 @@ class Taken(NamedTuple):
     penalty: PenaltyRow | None
     permanent: float
     recovered: bool = False
+    #: the event that took the points, with its source if any: what ties together
+    #: the recoveries of one incident through different fields (None: kept before)
+    event: str | None = None
 
 
 @pickled_as_tuple
@@ -767,7 +770,8 @@ class Engine:
             for field in rule.recovered_by:
                 link = _link(ev.get(field))
                 if link is not None:
-                    self._remember(c, (rule.name, link), (t, penalty, -applied, False))
+                    self._remember(c, (rule.name, link),
+                                   (t, penalty, -applied, False, _trigger(ev)))
         if reason:
             ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
                                   reason)))
@@ -779,8 +783,8 @@ class Engine:
             c.taken = {}
         if len(c.taken) >= 16:
             horizon = taken[0] - self._recovery_window
-            for stale in [key for key, (at, _, _, recovered) in c.taken.items()
-                          if at < horizon or recovered]:
+            for stale in [key for key, kept in c.taken.items()
+                          if Taken(*kept).at < horizon or Taken(*kept).recovered]:
                 del c.taken[stale]
         c.taken[key] = taken
 
@@ -793,32 +797,38 @@ class Engine:
         kept = c.taken.get(key) if link is not None and c.taken else None
         if kept is None:
             return
-        taken = Taken._make(kept)
+        taken = Taken(*kept)
         if taken.recovered or t - taken.at > rec.within:
             return
-        c.taken[key] = (taken.at, taken.penalty, taken.permanent, True)
         cap = self._rules.capital
         refund = 0.0
         penalty = taken.penalty
+        share = 1.0 - rec.refund  # of the incident, left to recover
         if penalty is not None and penalty in c.penalties:  # (still fading: not settled)
             refund = remaining(penalty, t) * rec.refund
             index = c.penalties.index(penalty)
-            points = penalty[0] * (1.0 - rec.refund)
+            points = penalty[0] * share
             left = fading_penalty(points, *penalty[1:6]) if points > 0 else None
             c.penalties = (*c.penalties[:index], *((left,) if left else ()),
                            *c.penalties[index + 1:])
-            # another recovery of the same incident (matched on another field) finds
-            # what is left of it; nothing once it is all refunded
             now = left if left is not None else (0.0, *penalty[1:])
-            for other, (at, held, permanent, recovered) in list(c.taken.items()):
-                if held == penalty:
-                    c.taken[other] = (at, now, permanent, recovered)
         else:
             points, keep = (0.0, 0.0) if penalty is None else (penalty[0], penalty[3])
             owed = taken.permanent if penalty is None else points * keep
             old = c.balance
             c.balance = clamp(old + owed * rec.refund, cap.min, cap.max)
             refund = c.balance - old
+            now = None if penalty is None else (points * share, *penalty[1:])
+        # another recovery of the same incident (matched on another field) recovers
+        # its share of what is left of it; nothing once all of it came back
+        for other, held in list(c.taken.items()):
+            same = Taken(*held)
+            if other == key or (other[0] == key[0] and (
+                    same.event == taken.event if taken.event is not None
+                    else penalty is not None and same.penalty == penalty)):
+                c.taken[other] = tuple(same._replace(
+                    penalty=now, permanent=same.permanent * share,
+                    recovered=same.recovered or other == key))
         if refund:
             ledger.append(LedgerEntry(
                 customer=c.id, rule=rule.name, points=refund, at=ev.at, event_id=ev.id,

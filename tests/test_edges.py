@@ -266,3 +266,32 @@ actions:
                          "at": "2026-01-21T00:00:00+00:00"})
     assert [(d.rule, d.trigger) for d in outcome.decisions] == [
         ("watch", "time:2026-01-19T04:48:00.000Z")]
+
+
+@pytest.mark.parametrize("refund, first, second", [(0.5, 10.0, 5.0), (1.0, 20.0, 0.0)])
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_two_recoveries_of_one_permanent_loss_pay_back_what_is_left(
+        refund, first, second, reloaded):
+    """The same for points taken for good: the loss is paid back once in all."""
+    from retention.snapshot import decode, encode
+
+    e = engine(f"""
+capital: {{initial: 70, min: 0, max: 100}}
+rules:
+  complaint: {{when: event.type == "complaint", points: -20}}
+  resolved: {{when: event.type == "resolved", recovers: complaint, match: ticket,
+             within: 30d, refund: {refund}}}
+  refunded: {{when: event.type == "refunded", recovers: complaint, match: order,
+             within: 30d, refund: {refund}}}
+""")
+    at = "2024-01-0{}T00:00:00+00:00".format
+    e.process({"id": "p", "customer": "c", "type": "purchase", "at": at(1)})
+    e.process({"id": "k", "customer": "c", "type": "complaint", "ticket": "T1",
+               "order": "O1", "at": at(2)})
+    got = [e.process({"id": "r", "customer": "c", "type": "resolved", "ticket": "T1",
+                      "at": at(3)})]
+    if reloaded:
+        e._customers["c"] = decode(encode(e._customers["c"]))
+    got.append(e.process({"id": "o", "customer": "c", "type": "refunded", "order": "O1",
+                          "at": at(4)}))
+    assert [sum(x.points for x in o.ledger) for o in got] == [first, second]

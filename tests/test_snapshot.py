@@ -193,7 +193,7 @@ rules:
             penalties=[penalty(p) for p in c.penalties] or ())
         taken = None if c.taken is None else {
             key: _Taken(at, None if p is None else penalty(p), permanent, recovered)
-            for key, (at, p, permanent, recovered) in c.taken.items()}
+            for key, (at, p, permanent, recovered, *_) in c.taken.items()}
         return (*fields[:3], capital, *fields[9:20], taken, *fields[21:])
 
     blobs = {}
@@ -202,7 +202,10 @@ rules:
             patch.setattr(Customer, "__getstate__", earlier)
             blobs[customer.id] = _PICKLE + pickle.dumps(customer)
         assert len(earlier(customer)) == 24
-        assert deep(decode(blobs[customer.id])) == deep(customer)
+        # (taken incidents did not name their event then)
+        expected = attrs.evolve(customer, taken=None if customer.taken is None else {
+            key: kept[:4] for key, kept in customer.taken.items()})
+        assert deep(decode(blobs[customer.id])) == deep(expected)
     twin = Engine(rules)
     twin._customers["c"] = decode(blobs["c"])
     fixed = {"id": "f", "customer": "c", "type": "fixed", "ticket": "t1",
