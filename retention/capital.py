@@ -85,9 +85,6 @@ class LinearFade:
     def key(self) -> FadeKey:
         return ("L", self.over)
 
-    def share(self, elapsed: float) -> float:
-        return share_left(self.key, elapsed)
-
     def describe(self) -> str:
         return f"fades over {self.over / DAY:g} days"
 
@@ -101,9 +98,6 @@ class HalfLifeFade:
     @property
     def key(self) -> FadeKey:
         return ("H", self.half_life)
-
-    def share(self, elapsed: float) -> float:
-        return share_left(self.key, elapsed)
 
     def describe(self) -> str:
         return f"half-life {self.half_life / DAY:g} days"
@@ -119,9 +113,6 @@ class RateFade:
     @property
     def key(self) -> FadeKey:
         return ("R", self.rate, self.per)
-
-    def share(self, elapsed: float) -> float:
-        return share_left(self.key, elapsed)
 
     def describe(self) -> str:
         return f"fades {self.rate * 100:g}% every {self.per / DAY:g} days"
