@@ -24,10 +24,6 @@ _MARSHAL, _PICKLE = b"M", b"P"
 _new = object.__new__
 
 
-class _Unfit(Exception):
-    """A value the marshal form cannot carry exactly."""
-
-
 def _decision_in(kept: bytes | tuple[Any, ...] | Decision) -> bytes:
     """A decision as the customer keeps it, from a snapshot: bytes since decisions
     are kept so; before that the tuple these bytes marshal, or (pickled) the object."""
@@ -85,7 +81,7 @@ def encode(c: Customer) -> bytes:
             c.decisions,
             c.next_change, c.scheduled, c.levels_due, c.dirty, c.calm_low, c.calm_high)
         return _MARSHAL + marshal.dumps(values)
-    except (_Unfit, ValueError):
+    except ValueError:  # a value marshal cannot carry
         return _PICKLE + pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)
 
 
