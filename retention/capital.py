@@ -217,7 +217,12 @@ def silence_due(state: Capital, rules: RuleSet, t: float) -> float:
 
 
 def traces(state: Capital, t: float) -> float:
-    return sum(remaining(p, t) for p in state.penalties)
+    """``T(t)``: the points the penalties still take at ``t``."""
+    total = 0.0
+    for points, t0, fade, keep, _, _, _ in state.penalties:
+        share = share_left(fade, t - t0)
+        total += points * (share if share > keep else keep)
+    return total
 
 
 def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
@@ -487,10 +492,7 @@ def next_level_change(
     levels = rules.levels
     if not levels:
         return step, math.inf
-    remembered = 0.0
-    for points, t0, fade, keep, _, _, _ in state.penalties:
-        share = share_left(fade, t - t0)
-        remembered += points * (share if share > keep else keep)
+    remembered = traces(state, t)
     base = state.balance + owed - remembered
     all_armed = rearm_at == math.inf
     due = math.inf
