@@ -784,7 +784,7 @@ class Engine:
         if len(c.taken) >= 16:
             horizon = taken[0] - self._recovery_window
             for stale in [key for key, kept in c.taken.items()
-                          if Taken(*kept).at < horizon or Taken(*kept).recovered]:
+                          if (old := Taken(*kept)).at < horizon or old.recovered]:
                 del c.taken[stale]
         c.taken[key] = taken
 
