@@ -253,11 +253,13 @@ def capital_at(state: Capital, rules: RuleSet, t: float) -> float:
 
 
 def settle(state: Capital, rules: RuleSet, t: float, contact: bool
-           ) -> tuple[float, float, float]:
+           ) -> tuple[float, float, tuple[tuple[PenaltyRow, float], ...], float]:
     """Step 2 of processing: bank the licence, the silence drain (at a contact) and
     penalties that no longer change (a faded one is dropped, one at its keep floor
     is paid into B). Leaves ``capital_at(t)`` as it was; returns the licence points
-    and the silence drain banked (what the bounds let through), and
+    and the silence drain banked (what the bounds let through), each settled
+    penalty with the points its fading gave back (the ledger took all of it when it
+    was taken; the balance takes only what is kept for good), and
     ``capital_at(t)`` itself."""
     cap = rules.capital
     low, high = cap.min, cap.max
@@ -276,18 +278,38 @@ def settle(state: Capital, rules: RuleSet, t: float, contact: bool
             state.balance = clamp(old - drain, low, high)
             drained = old - state.balance
         state.last_contact = t
+    faded: tuple[tuple[PenaltyRow, float], ...] = ()
     for penalty in state.penalties:
         if penalty[6] <= t:  # (settles_at) a new tuple only then
-            kept = []
+            kept, gone = [], []
             for other in state.penalties:
                 points, _, _, keep, _, _, settles_at = other
                 if settles_at > t:
                     kept.append(other)
-                elif keep > 0:
-                    state.balance = clamp(state.balance - points * keep, low, high)
+                    continue
+                old = state.balance
+                if keep > 0:
+                    state.balance = clamp(old - points * keep, low, high)
+                gone.append((other, points + state.balance - old))
             state.penalties = tuple(kept)
+            faded = tuple(gone)
             break
-    return banked, drained, capital_at(state, rules, t)
+    return banked, drained, faded, capital_at(state, rules, t)
+
+
+def unsettled(state: Capital, rules: RuleSet, t: float
+              ) -> tuple[float, int, float, tuple[tuple[PenaltyRow, float], ...], float]:
+    """What time did by ``t`` that the settled state does not hold yet, term by term
+    of ``capital(t)``: the licence points owed and their steps, the silence drain,
+    each fading penalty with the points its fading gave back so far, and what the
+    clamp to ``[min, max]`` cuts off. Added to the balance, less the penalties'
+    full points, they give ``capital_at(t)``."""
+    owed, steps = licence_due(state, rules, t)
+    drain = silence_due(state, rules, t)
+    faded = tuple((p, p[0] - remaining(p, t)) for p in state.penalties)
+    raw = raw_capital(state, rules, t)
+    cap = rules.capital
+    return owed, steps, drain, faded, clamp(raw, cap.min, cap.max) - raw
 
 
 # -- time-driven level crossings -----------------------------------------------------

@@ -500,10 +500,12 @@ def tick(db_path: Path, rules_path: Path, now: str | None, fmt: str | None) -> N
 @cli.command()
 @_db_option
 @click.argument("customer_id")
-@click.option("--at", "at", help="Show the capital at T instead of now.")
+@click.option("--at", "at", help="As the customer was at T (default: now).")
 @format_options
 def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -> None:
-    """A customer's capital, level, last contact and explained ledger."""
+    """A customer's capital, level, last contact and consent at a moment, and the
+    ledger that adds up to that capital: what events did, then what time did since
+    that no event has settled yet (silence, fading, licence, the bounds)."""
     moment = _moment_option(at, "--at") or _wall_clock()
     with _open(db_path) as engine:
         info = engine.profile(customer_id, moment)
@@ -512,7 +514,8 @@ def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -
         click.echo(json.dumps(info, indent=2 if fmt == "json" else None, default=str))
         return
     rows = [{"at": e["at"], "points": e["points"], "rule": e["rule"],
-             "category": e["category"], "reason": e["reason"]} for e in info["ledger"]]
+             "category": e["category"], "settled": "yes" if e["settled"] else "no",
+             "reason": e["reason"]} for e in info["ledger"]]
     if fmt == "csv":
         click.echo(render(rows, "csv"), nl=False)
         return
@@ -520,26 +523,30 @@ def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -
     click.echo(f"customer  {canonical}"
                + (f" (also {', '.join(info['aliases'])})" if info["aliases"] else ""))
     click.echo(f"capital   {capital_text} at {moment}")
-    click.echo(f"level     {info['level'] or 'none'} (after the latest event or tick)")
+    click.echo(f"level     {info['level'] or 'none'}")
     click.echo(f"contact   last {info['last_contact'] or 'never'}; consent "
                f"{'yes' if info['consent'] else 'withdrawn'}")
     click.echo("")
     click.echo(render(rows, None, empty="(no ledger entry)"), nl=False)
+    if rows:
+        click.echo(f"in all    {sum(e['points'] for e in info['ledger']):.2f}")
 
 
 @cli.command("at-risk")
 @_db_option
-@click.option("--level", help="At or below this level (default: any level that fired).")
+@click.option("--level", help="Capital below this level's threshold (default: below any "
+              "level's).")
 @click.option("--limit", type=click.IntRange(1), help="At most N customers.")
-@click.option("--at", "at", help="Capital at T (default: each customer's latest event).")
+@click.option("--at", "at", help="Capital and level at T (default: now).")
 @format_options
 def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
             fmt: str | None) -> None:
-    """Customers at or below a level, most urgent (lowest capital) first."""
-    moment = _moment_option(at, "--at")
+    """Customers whose capital at a moment is below a level, lowest capital first,
+    with the level they are in then (as `retention customer ID --at T` shows them)."""
+    moment = _moment_option(at, "--at") or _wall_clock()
     with _open(db_path) as engine:
         rows = engine.at_risk(level, now=moment, limit=limit)
-    click.echo(render(rows, fmt, empty="no customer at risk", columns=(
+    click.echo(render(rows, fmt, empty=f"no customer at risk at {moment}", columns=(
         "customer", "level", "capital", "last_event_at", "last_contact_at")), nl=False)
 
 
@@ -737,12 +744,13 @@ def _story(engine: Any, report: Any, end: Any, ticked: int, db_path: Path) -> No
                f"{end.date() if end else '-'}: {ticked} more decisions.\n")
     click.echo("customers by level: " + ", ".join(
         f"{k} {v}" for k, v in stats["customers_by_level"].items()))
-    risky = engine.at_risk(limit=5)
-    click.echo("\nmost at risk, and why")
+    moment = end.isoformat() if end else None
+    risky = engine.at_risk(now=end, limit=5) if end else []
+    click.echo(f"\nmost at risk on {end.date() if end else '-'}, and why")
     for row in risky:
-        ledger = engine.explain(row["customer"])
+        ledger = engine.explain(row["customer"], at=end)
         worst = sorted((e for e in ledger if e.points < 0), key=lambda e: e.points)[:2]
-        why = "; ".join(f"{e.reason} ({e.points:+.1f})" for e in worst) or "silence"
+        why = "; ".join(f"{e.reason} ({e.points:+.1f})" for e in worst)
         click.echo(f"  {row['customer']}  capital {row['capital']:.1f}  {row['level']}: {why}")
     rewards = [d for d in engine.decisions() if d.kind == "in_purchase"
                or d.rule in {r.name for r in engine.rules.recognition}]
@@ -755,8 +763,11 @@ def _story(engine: Any, report: Any, end: Any, ticked: int, db_path: Path) -> No
         f"{a} {n} ({r})" for (a, r), n in sorted(by_reason.items())) or "none"))
     held = len(engine.decisions(status="held_out"))
     click.echo(f"held out (control group): {held}")
-    click.echo(f"\nexplore: retention customer --db {db_path} {risky[0]['customer']}"
-               if risky else "")
+    if risky:
+        # the demo's period ended in the past: its story is told at that moment
+        click.echo(f"\nexplore (at the end of the demo period):\n"
+                   f"  retention customer --db {db_path} {risky[0]['customer']} --at {moment}\n"
+                   f"  retention at-risk --db {db_path} --level rupture --at {moment}")
 
 
 @cli.command("plugins")

@@ -37,6 +37,7 @@ from .capital import (
     next_level_change,
     remaining,
     settle,
+    unsettled,
 )
 from .errors import EventError
 from .models import (
@@ -261,6 +262,54 @@ def _outcome(event: Event, before: float | None, after: float | None,
 
 #: a ledger entry from the tuple of its fields in order, without the keyword call
 _entry = functools.partial(tuple.__new__, LedgerEntry)
+
+
+def fading_entry(customer: str, penalty: PenaltyRow, points: float, at: datetime,
+                 event_id: str | None, *, settled: bool = True) -> LedgerEntry:
+    """The points the fading of a penalty's trace gave back: the ledger took all of
+    them when the incident happened, capital only what is still remembered."""
+    taken, t0, _, keep, rule = penalty[:5]
+    what = f"{rule} of {from_seconds(t0).date()} ({-taken:.2f} points)"
+    if not settled:
+        how = "faded since, not settled"
+    elif keep > 0:
+        how = f"faded to its floor, {keep:.0%} kept for good"
+    else:
+        how = "faded"
+    return LedgerEntry(customer=customer, rule=rule, points=points, at=at, event_id=event_id,
+                       category="fading", reason=f"{what}: {how}, {points:+.2f} given back",
+                       settled=settled)
+
+
+def unsettled_entries(c: Customer, rules: RuleSet, t: float, at: datetime
+                      ) -> list[LedgerEntry]:
+    """What time did to ``c`` up to ``t`` that no event has settled yet, as ledger
+    entries marked as not settled: with the settled ledger they add up to the
+    capital at ``t``."""
+    owed, steps, drain, faded, cut = unsettled(c, rules, t)
+    entries = []
+    if owed:
+        entries.append(LedgerEntry(
+            customer=c.id, rule="licence", points=owed, at=at, event_id=None,
+            category="licence", settled=False,
+            reason=f"points licence: clean since {format_instant(c.clean_since)}, "
+                   f"{steps - c.steps} step(s), not settled"))
+    if drain:
+        entries.append(LedgerEntry(
+            customer=c.id, rule="silence", points=-drain, at=at, event_id=None,
+            category="silence", settled=False,
+            reason=f"silence: {(t - c.last_contact) / DAY:.1f} days without contact, "
+                   "not settled"))
+    entries.extend(fading_entry(c.id, penalty, points, at, None, settled=False)
+                   for penalty, points in faded if points)
+    if cut:
+        cap = rules.capital
+        entries.append(LedgerEntry(
+            customer=c.id, rule="bounds", points=cut, at=at, event_id=None,
+            category="bounds", settled=False,
+            reason=f"capital stays within [{cap.min:g}, {cap.max:g}]: {cut:+.2f} cut off, "
+                   "not settled"))
+    return entries
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
 _MARSHALLED_DECISION, _PICKLED_DECISION = b"M", b"P"
 
@@ -588,8 +637,12 @@ class Engine:
         self._schedule(customer)
         return made
 
-    def explain(self, customer: str) -> list[LedgerEntry]:
-        """The whole ledger of one customer, in time order.
+    def explain(self, customer: str, at: str | datetime | None = None) -> list[LedgerEntry]:
+        """The ledger of one customer, in time order: all of it, or, ``at`` a moment,
+        what their events up to it did followed by what time did since and no event
+        has settled (silence, fading traces, licence steps, the clamp to the bounds;
+        marked ``settled=False``). The entries up to a moment add up to the capital
+        at that moment.
 
         The ledger is not kept: it is derived again from the customer's events, so
         memory holds only what the next event needs.
@@ -598,8 +651,27 @@ class Engine:
         if c is None:
             return []
         ledger: list[LedgerEntry] = []
-        self._rebuild(c.id, self._history(c), horizon=-math.inf, ledger=ledger)
+        if at is None:
+            self._rebuild(c.id, self._history(c), horizon=-math.inf, ledger=ledger)
+        else:
+            self.as_of(customer, at, ledger=ledger)
         return ledger
+
+    def as_of(self, customer: str, at: str | datetime,
+              ledger: list[LedgerEntry] | None = None) -> Customer | None:
+        """A copy of a customer as they were at ``at``: their events up to it applied,
+        and what time did up to it to their levels (None if unknown). With
+        ``ledger``, collects the entries that explain their capital at ``at``."""
+        c = self._customers.get(customer)
+        if c is None:
+            return None
+        t = _moment(at)
+        fresh = self._rebuild(c.id, [r for r in self._history(c) if r[0] <= t],
+                              horizon=t, ledger=ledger)[0]
+        if ledger is not None and fresh.opened_at is not None and fresh.opened_at <= t:
+            moment = at if isinstance(at, datetime) else parse_instant(at)
+            ledger.extend(unsettled_entries(fresh, self._rules, t, moment))
+        return fresh
 
     def decisions(self, customer: str | None = None, *, status: str | None = None
                   ) -> list[Decision]:
@@ -669,7 +741,7 @@ class Engine:
         else:
             days_idle = (t - c.last_contact) / DAY
             banked = c.balance
-            licence, silence, before = settle(c, rules, t, plan.contact)
+            licence, silence, faded, before = settle(c, rules, t, plan.contact)
             if c.calm_high < _INF and c.balance != banked + licence:
                 # the silence drain or a trace at its floor went into the balance:
                 # capital now is the same, but the licence has more room, so a
@@ -685,6 +757,8 @@ class Engine:
                     customer=c.id, rule="silence", points=-silence, at=ev.at,
                     event_id=ev.id, category="silence",
                     reason=f"silence: {days_idle:.1f} days without contact"))
+            for penalty, points in faded:
+                ledger.append(fading_entry(c.id, penalty, points, ev.at, ev.id))
             if not c.calm_low <= before < c.calm_high:
                 decisions.extend(self._observe(c, before, t, ev.at, _trigger(ev)))
         props = ev.props
@@ -774,7 +848,7 @@ class Engine:
                                    (t, penalty, -applied, False, _trigger(ev)))
         if reason:
             ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
-                                  reason)))
+                                  reason, True)))
         if rule.recovery is not None:
             self._recover(c, rule, ev, ledger)
 
@@ -801,11 +875,13 @@ class Engine:
         if taken.recovered or t - taken.at > rec.within:
             return
         cap = self._rules.capital
-        refund = 0.0
+        refund = faded = 0.0
         penalty = taken.penalty
         share = 1.0 - rec.refund  # of the incident, left to recover
         if penalty is not None and penalty in c.penalties:  # (still fading: not settled)
             refund = remaining(penalty, t) * rec.refund
+            # the ledger took all of the recovered share; part of it had faded already
+            faded = penalty[0] * rec.refund - refund
             index = c.penalties.index(penalty)
             points = penalty[0] * share
             left = fading_penalty(points, *penalty[1:6]) if points > 0 else None
@@ -829,6 +905,8 @@ class Engine:
                 c.taken[other] = tuple(same._replace(
                     penalty=now, permanent=same.permanent * share,
                     recovered=same.recovered or other == key))
+        if faded:
+            ledger.append(fading_entry(c.id, penalty, faded, ev.at, ev.id))
         if refund:
             ledger.append(LedgerEntry(
                 customer=c.id, rule=rule.name, points=refund, at=ev.at, event_id=ev.id,

@@ -239,6 +239,9 @@ class LedgerEntry(NamedTuple):
     event_id: str | None
     category: str
     reason: str
+    #: False for what time did up to a moment that no event has settled yet (see
+    #: ``Engine.explain(customer, at=...)``); the stored ledger holds only settled ones
+    settled: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         out = self._asdict()

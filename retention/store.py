@@ -983,24 +983,38 @@ class StoredEngine(Engine):
 
     def profile(self, customer: str, at: str | datetime) -> dict[str, Any]:
         """What is held about a customer at ``at``, for people: capital, level, last
-        contact, consent and the explained ledger up to ``at``. Raises StoreError for
-        a customer the database does not know."""
+        contact and consent as they were then, and the ledger that explains that
+        capital (what time did since the last event comes last, marked as not
+        settled). Raises StoreError for a customer the database does not know."""
         canonical = self.resolve(customer)
-        state = self.snapshot(canonical)
-        if state is None:
+        if self.db.execute("SELECT 1 FROM customers WHERE id = ?", [canonical]).fetchone() \
+                is None:
             raise UnknownCustomer(f"unknown customer {customer!r}")
         moment = at if isinstance(at, datetime) else parse_instant(at)
+        ledger: list[LedgerEntry] = []
+        state = self.as_of(canonical, moment, ledger=ledger)
+        assert state is not None
+        t = moment.timestamp()
+        opened = state.opened_at is not None and state.opened_at <= t
         return {
             "customer": canonical,
             "aliases": self.identifiers(canonical)[1:],
             "at": moment.isoformat(),
-            "capital": self.capital(canonical, moment),
-            "level": self.level(canonical),
-            "last_contact": from_seconds(state.last_contact).isoformat()
-            if state.opened_at is not None else None,
+            "capital": capital_at(state, self._rules, t) if opened else None,
+            "level": state.level(self._rules),
+            "last_contact": from_seconds(state.last_contact).isoformat() if opened else None,
             "consent": state.consent,
-            "ledger": [e.to_dict() for e in self.explain(canonical) if e.at <= moment],
+            "ledger": [e.to_dict() for e in ledger],
         }
+
+    def as_of(self, customer: str, at: str | datetime,
+              ledger: list[LedgerEntry] | None = None) -> Customer | None:
+        canonical = self.resolve(customer)
+        try:
+            self._load([canonical])
+            return super().as_of(canonical, at, ledger=ledger)
+        finally:
+            self._forget_loaded()
 
     def level(self, customer: str) -> str | None:
         row = self.db.execute("SELECT level FROM customers WHERE id = ?",
@@ -1012,8 +1026,13 @@ class StoredEngine(Engine):
                               [self.resolve(customer)]).fetchone()
         return math.inf if row is None or row[0] is None else row[0]
 
-    def explain(self, customer: str) -> list[LedgerEntry]:
-        """The stored ledger of one customer, in time order."""
+    def explain(self, customer: str, at: str | datetime | None = None) -> list[LedgerEntry]:
+        """The stored ledger of one customer, in time order; ``at`` a moment, the
+        ledger that explains the capital then (see ``Engine.explain``)."""
+        if at is not None:
+            ledger: list[LedgerEntry] = []
+            self.as_of(customer, at, ledger=ledger)
+            return ledger
         rows = self.db.execute(
             "SELECT customer, rule, points, at, event_id, category, reason FROM ledger"
             " WHERE customer = ? ORDER BY seq", [self.resolve(customer)])
@@ -1230,43 +1249,67 @@ class StoredEngine(Engine):
 
     def at_risk(self, level: str | None = None, *, now: str | datetime | None = None,
                 limit: int | None = None) -> list[dict[str, Any]]:
-        """Customers at or below a level (default: any level that fired), most urgent
-        (lowest capital) first. The capital is at ``now`` (default: each customer's
-        latest event; a time before it replays their events); the level is the
-        current one. Customers not yet open at ``now`` are left out."""
+        """Customers whose capital at ``now`` is below a level's threshold (default:
+        below any level's), lowest capital first, with that capital and the level they
+        are in then, as ``customer ID --at now`` shows them. ``now`` defaults to the
+        latest moment the database knows of (its latest event or tick): the engine
+        never reads the clock.
+
+        Only customers who may be below are read: a threshold crossed since a
+        customer's latest update would have fired a level, so it is either in the
+        level already or due by ``now`` (``next_change_at``). A moment before the
+        latest tick, or before customers' latest events, replays those customers."""
         levels = self._rules.levels
         names = [lv.name for lv in levels]
-        if level is not None:
-            if level not in names:
-                raise RetentionError(f"unknown level {level!r}; levels: {', '.join(names)}")
-            edge = next(lv.below for lv in levels if lv.name == level)
-            names = [lv.name for lv in levels if lv.below <= edge]
-        if not names:
+        if level is not None and level not in names:
+            raise RetentionError(f"unknown level {level!r}; levels: {', '.join(names)}")
+        if not levels:
             return []
-        marks = ",".join("?" * len(names))
-        rows = list(self.db.execute(
-            f"SELECT id, level, last_ts FROM customers WHERE level IN ({marks})", names))
+        edge = max(lv.below for lv in levels if level is None or lv.name == level)
+        t = self._latest() if now is None else _moment(now)
         found = []
-        for start in range(0, len(rows), _CHUNK):
-            part = rows[start:start + _CHUNK]
-            self._load([r[0] for r in part])
-            for cid, lvl, last in part:
-                c = self._customers[cid]
-                if now is None:
-                    capital = (capital_at(c, self._rules, last)
-                               if c.opened_at is not None else None)
-                else:  # (replays the customer when `now` is before their latest event)
-                    capital = Engine.capital(self, cid, now)
-                if capital is None:
+        candidates = self._at_risk_candidates(t, edge)
+        for start in range(0, len(candidates), _CHUNK):
+            part = candidates[start:start + _CHUNK]
+            for cid, blob in self._rows_in("SELECT id, state FROM customers WHERE id IN ({})",
+                                           part):
+                c = self._decode(cid, blob)
+                if c.last is not None and c.last[0] <= t and c.level_time <= t:
+                    self._advance(c, t, include_end=True)  # (a copy: nothing is saved)
+                else:
+                    c = self.as_of(cid, from_seconds(t))
+                    assert c is not None
+                if c.opened_at is None or c.opened_at > t:
                     continue
-                found.append({"customer": cid, "level": lvl, "capital": capital,
-                              "last_event_at": _iso(last),
-                              "last_contact_at": _iso(
-                                  c.last_contact if c.opened_at is not None else None)})
-            self._forget_loaded()
-        found.sort(key=lambda r: (math.inf if r["capital"] is None else r["capital"],
-                                  r["customer"]))
+                capital = capital_at(c, self._rules, t)
+                if capital < edge:
+                    found.append({"customer": cid, "level": c.level(self._rules),
+                                  "capital": capital, "last_event_at": _iso(c.last[0]),
+                                  "last_contact_at": _iso(c.last_contact)})
+        found.sort(key=lambda r: (r["capital"], r["customer"]))
         return found[:limit] if limit else found
+
+    def _latest(self) -> float:
+        """The latest moment the database knows of: its latest event, or tick."""
+        row = self.db.execute("SELECT max(last_ts) FROM customers").fetchone()
+        return max(self._ticked_to(), -math.inf if row[0] is None else row[0])
+
+    def _at_risk_candidates(self, t: float, edge: float) -> list[str]:
+        """The customers whose capital at ``t`` may be below ``edge``: in a level, due
+        by ``t``, or with events after ``t``; all open ones when ``t`` is before the
+        latest tick (levels may have moved since) or when a level below ``edge`` is
+        above the initial capital (customers opened under it are not armed for it, so
+        crossing it fires nothing)."""
+        initial = self._rules.capital.initial
+        if t < self._ticked_to() or any(
+                initial < lv.below <= edge for lv in self._rules.levels):
+            sql, args = "SELECT id FROM customers WHERE opened_at <= ?", [t]
+        else:
+            sql = ("SELECT id FROM customers WHERE level IS NOT NULL"
+                   " UNION SELECT id FROM customers WHERE next_change_at <= ?"
+                   " UNION SELECT id FROM customers WHERE last_ts > ?")
+            args = [t, t]
+        return [cid for (cid,) in self.db.execute(sql, args)]
 
     def stats(self) -> dict[str, Any]:
         """Customers by level, capital distribution, decisions by action and status,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -289,3 +290,29 @@ actions:
     assert engine.next_change("a") <= datetime.fromisoformat(day(50)).timestamp()
     again = engine.tick(day(90))
     assert [(d.rule, d.at.date().isoformat()) for d in again] == [("watch", "2026-03-17")]
+
+
+@given(rule_files(), event_streams(), st.lists(moments(), min_size=1, max_size=4))
+def test_the_explained_ledger_adds_up_to_the_capital_at_any_moment(text, events, times):
+    engine = engine_for(text, events)
+    for customer in ("a", "b"):
+        for at in times:
+            capital = engine.capital(customer, at=at)
+            entries = engine.explain(customer, at=at)
+            total = sum(e.points for e in entries)
+            assert total == pytest.approx(0 if capital is None else capital, abs=1e-6)
+            settled = [e for e in entries if e.settled]
+            assert entries[:len(settled)] == settled  # what is not settled comes last
+
+
+@given(rule_files(), event_streams(), moments())
+def test_a_customer_as_of_a_moment_is_in_the_level_a_tick_leaves(text, events, at):
+    engine = engine_for(text, events)
+    past = {c: engine.as_of(c, at) for c in ("a", "b")}
+    later = [e for e in events if e["at"] > at]
+    ticked = engine_for(text, [e for e in events if e["at"] <= at])
+    ticked.tick(at)
+    for customer in ("a", "b"):
+        if past[customer] is None:
+            continue
+        assert past[customer].level(engine.rules) == ticked.level(customer), later

@@ -211,7 +211,8 @@ rules:
     fixed = {"id": "f", "customer": "c", "type": "fixed", "ticket": "t1",
              "at": "2026-01-04T10:00:00+00:00"}
     outcome = twin.process(fixed)
-    assert [e.rule for e in outcome.ledger] == ["fixed"]
+    assert [(e.rule, e.category) for e in outcome.ledger] == [("late", "fading"),
+                                                               ("fixed", "recovery")]
     assert deep(outcome) == deep(engine.process(fixed))
     twin._customers["k"] = decode(blobs["k"])
     answered = {**fixed, "id": "a", "customer": "k", "type": "answered"}

@@ -415,7 +415,9 @@ rules:
         one.ingest(events)
         two.ingest(events[:2])
         two.ingest(events[2:])
-        assert [e.rule for e in two.explain("c")] == ["opening", "late", "fixed"]
+        assert [(e.rule, e.category) for e in two.explain("c")] == [
+            ("opening", "opening"), ("late", "incident"), ("late", "fading"),
+            ("fixed", "recovery")]
         assert same_database(two) == same_database(one)
         assert later_capitals(two) == later_capitals(one)
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from contextlib import closing
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -545,6 +546,57 @@ def test_at_risk_lists_the_lowest_capital_first(shop):
     wrong = invoke("at-risk", "--db", shop, "--level", "wach")
     failed_cleanly(wrong, 1)
     assert "watch" in one_line(wrong.output)
+
+
+@pytest.mark.parametrize("at", [END, "2026-03-15T12:00:00+00:00", "2027-01-01T00:00:00Z"])
+def test_every_at_risk_row_agrees_with_the_customer_at_that_moment(shop, at):
+    """The capital and level at-risk shows are those of `customer ID --at T`, and the
+    capital is below the threshold asked for; nobody below it is left out."""
+    from retention import Engine
+
+    rows = json.loads(invoke("at-risk", "--db", shop, "--at", at, "--json").stdout)
+    rupture = json.loads(invoke("at-risk", "--db", shop, "--level", "rupture", "--at", at,
+                                "--json").stdout)
+    assert rows and rupture
+    assert all(r["capital"] < 55 for r in rows)
+    assert all(r["capital"] < 35 for r in rupture)
+    with Engine.open(shop) as store:
+        for row in rows:
+            shown = store.profile(row["customer"], at)
+            assert (row["capital"], row["level"]) == (
+                pytest.approx(shown["capital"], abs=1e-9), shown["level"]), row
+        capitals = {cid: store.capital(cid, at) for cid in store.customers()}
+    below = sorted(cid for cid, capital in capitals.items()
+                   if capital is not None and capital < 55)
+    assert sorted(r["customer"] for r in rows) == below
+
+
+def test_the_customer_ledger_adds_up_to_the_capital_it_shows(shop):
+    at = "2026-03-15T12:00:00+00:00"
+    for cid in ("c-0830", "c-0243", a_customer_with(shop, "licence")):
+        shown = json.loads(invoke("customer", "--db", shop, cid, "--at", at, "--json").stdout)
+        total = sum(e["points"] for e in shown["ledger"])
+        assert total == pytest.approx(shown["capital"], abs=1e-6), cid
+        pending = [e for e in shown["ledger"] if not e["settled"]]
+        assert all(e["at"] == shown["at"] for e in pending)
+        if cid == "c-0830":  # silent since January, its traces faded meanwhile
+            assert {e["category"] for e in pending} == {"silence", "fading"}
+        table = invoke("customer", "--db", shop, cid, "--at", at).stdout
+        assert f"in all    {shown['capital']:.2f}" in table
+
+
+def test_the_level_shown_at_a_moment_is_the_level_then(shop):
+    """Before a level fired, the customer is not in it yet."""
+    from retention import Engine
+
+    with Engine.open(shop) as store:
+        fired = next(d for d in store.decisions() if d.rule == "rupture")
+    just_before = (fired.at - timedelta(seconds=1)).isoformat()
+    before = json.loads(invoke("customer", "--db", shop, fired.customer, "--at", just_before,
+                               "--json").stdout)
+    after = json.loads(invoke("customer", "--db", shop, fired.customer, "--at",
+                              fired.at.isoformat(), "--json").stdout)
+    assert before["level"] != "rupture" and after["level"] == "rupture"
 
 
 def test_stats_as_json(shop):
