@@ -14,6 +14,7 @@ from typing import Any, BinaryIO, TextIO
 
 import click
 
+from . import examples
 from .engine import Engine
 from .errors import EventError, LineError, RetentionError, RuleFileError
 from .models import CORE_FIELDS, parse_json_line
@@ -172,7 +173,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 # -- the store ------------------------------------------------------------------------
 
-BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 
 def _db_option(command: Any) -> Any:
@@ -258,10 +258,10 @@ def init(directory: Path, force: bool) -> None:
         if target.exists() and not force:
             click.echo(f"kept {target} (exists; --force overwrites)")
         else:
-            target.write_text((BUNDLED / "retail.yaml").read_text(encoding="utf-8"),
+            target.write_text(examples.RULES.read_text(encoding="utf-8"),
                               encoding="utf-8")
             click.echo(f"wrote {target}")
-        for template in sorted((BUNDLED / "templates").glob("*.txt")):
+        for template in sorted(examples.TEMPLATES.glob("*.txt")):
             written = rules_dir / "templates" / template.name
             if not written.exists() or force:
                 written.parent.mkdir(exist_ok=True)
@@ -712,8 +712,8 @@ def demo(db_path: Path) -> None:
                              "--db (the demo recreates its database)")
     for suffix in ("", "-wal", "-shm"):
         Path(f"{db_path}{suffix}").unlink(missing_ok=True)
-    events = BUNDLED / "retail.jsonl"
-    with StoredEngine(db_path, BUNDLED / "retail.yaml") as engine:
+    events = examples.EVENTS
+    with StoredEngine(db_path, examples.RULES) as engine:
         with engine.db.conn:
             engine.db.execute("INSERT INTO meta (key, value) VALUES ('demo', 1)")
         show = sys.stderr.isatty()

@@ -222,18 +222,26 @@ class StoredEngine(Engine):
                  batch_size: int = BATCH):
         self.path = Path(path)
         self.batch_size = max(1, int(batch_size))
+        # a database that cannot start (no rules, a broken rule file) leaves no file
+        new = not self.path.exists()
+        if new and rules is None:
+            raise StoreError(f"{self.path}: no rules yet: give a rule file or folder "
+                             "(retention rules use PATH)")
+        given = None if rules is None else rules if isinstance(rules, RuleSet) \
+            else load_rules(rules)  # a broken file stops here: nothing changes
         self.db = self._connect(self.path)
         try:
             self._migrate()
             active = self._active_rules()
-            if rules is None and active is None:
+            if given is None and active is None:
                 raise StoreError(f"{self.path}: no rules yet: give a rule file or folder "
                                  "(retention rules use PATH)")
-            given = None if rules is None else rules if isinstance(rules, RuleSet) \
-                else load_rules(rules)  # a broken file stops here: nothing changes
             loaded = active if active is not None else given
         except BaseException:
             self.db.close()
+            if new:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
             raise
         assert loaded is not None
         super().__init__(loaded)

@@ -702,6 +702,38 @@ def test_the_demo_tells_the_story_and_runs_twice(tmp_path, monkeypatch):
     assert outputs[0] == outputs[1]
 
 
+READS = [["stats"], ["customer", "c1"], ["at-risk"], ["decisions"], ["export", "c1"],
+         ["dead-letters"], ["rules", "list"], ["tick"], ["forget", "c1"], ["deliver"]]
+
+
+@pytest.mark.parametrize("command", READS, ids=" ".join)
+def test_a_command_on_a_missing_database_says_so_and_creates_nothing(tmp_path, command):
+    missing = tmp_path / "nope.db"
+    split = 2 if command[0] == "rules" else 1
+    result = invoke(*command[:split], "--db", missing, *command[split:])
+    failed_cleanly(result, 1)
+    assert "nope.db: no such database" in one_line(result.output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_first_open_leaves_no_database_behind(tmp_path, monkeypatch):
+    from retention import Engine
+    from retention.errors import RetentionError
+
+    monkeypatch.chdir(tmp_path)
+    events = tmp_path / "e.jsonl"
+    events.write_text(json.dumps({"id": "1", "customer": "a", "type": "purchase",
+                                  "at": "2026-01-01T00:00:00Z"}) + "\n")
+    failed_cleanly(invoke("ingest", "--db", "new.db", events), 1)  # no ./rules
+    broken = tmp_path / "broken.yaml"
+    broken.write_text('rules:\n  x: {when: event.type == "a", pionts: 3}\n')
+    failed_cleanly(invoke("ingest", "--db", "new.db", "--rules", broken, events), 1)
+    for rules in (None, broken):
+        with pytest.raises(RetentionError):
+            Engine.open(tmp_path / "new.db", rules=rules)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.yaml", "e.jsonl"]
+
+
 # -- 8. every listing parses in every machine format ------------------------------------------
 
 LISTINGS = {
