@@ -75,3 +75,15 @@ def verify(secret: str | bytes, body: bytes, headers: Mapping[str, str], *,
     if not ok:
         raise SignatureError("bad signature")
     return msg_id
+
+
+def message_key(body: bytes, headers: Mapping[str, str]) -> bytes | None:
+    """What identifies a signed message: a digest of exactly what its signature covers
+    (``webhook-id``, ``webhook-timestamp`` and the body), or None without a
+    ``webhook-id``. Only the secret's holder can make a new one; a copy of a captured
+    request, whatever its other headers say, has the same key."""
+    msg_id = headers.get("webhook-id")
+    if not msg_id:
+        return None
+    stamp = headers.get("webhook-timestamp", "")
+    return hashlib.sha256(b"%s.%s.%s" % (msg_id.encode(), stamp.encode(), body)).digest()
