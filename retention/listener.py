@@ -6,7 +6,7 @@ sets no deadline on a request's headers or on its body, and reads headers of any
 size. ``DeadlineProtocol`` adds those bounds to uvicorn's httptools protocol:
 
 - headers: ``header_timeout`` seconds from the connection's opening (or, on a kept-alive
-  connection, from the next request's first byte) to the end of the headers, then
+  connection, from the next byte after a request) to the end of the headers, then
   408 and closed; over ``max_header`` bytes of them, 431 and closed;
 - body: the app answers 408 to a request whose body takes more than its
   ``body_timeout`` (``ServerConfig.body_timeout``); a request answered before its
@@ -62,6 +62,10 @@ class DeadlineProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
             self._header_bytes += len(data)
+            if self._deadline is None:
+                # a kept-alive connection's next request begins (uvicorn stops its
+                # keep-alive timer at any byte, even the blank lines a parser skips)
+                self._set_deadline(self.header_timeout, self._headers_late)
         super().data_received(data)
         if self._in_headers and self._header_bytes > self.max_header:
             self._refuse(431, f"the request's headers are over {self.max_header} bytes")
@@ -74,7 +78,7 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._deadline is None:  # a kept-alive connection's next request
+        if self._deadline is None:  # a pipelined request, in the previous one's bytes
             self._set_deadline(self.header_timeout, self._headers_late)
 
     def on_headers_complete(self) -> None:

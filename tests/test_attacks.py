@@ -148,6 +148,22 @@ def test_a_captured_signature_does_not_sign_another_id_or_time(signed, change):
     assert (forged.status, forged.body["error"]) == (401, "bad signature"), forged.body
     assert rows(db, "SELECT id FROM events") == [("ce-1",)]
 
+
+@pytest.mark.parametrize("spelling", ["0{}", "+{}", "{}\t", "{:_}"],
+                         ids=["leading-zero", "plus", "tab", "underscores"])
+def test_another_spelling_of_the_signed_timestamp_is_the_same_message(signed, spelling):
+    from tests.test_server import rows, sign
+
+    server, db = signed
+    body = json.dumps({"amount": 55}).encode()
+    headers = {**BINARY, **sign(SECRET.encode(), body, "msg_t")}
+    assert server.post("/events", raw=body, headers=headers).body["new"] == 1
+    respelt = spelling.format(int(headers["webhook-timestamp"]))
+    copy = server.post("/events", raw=body, headers={
+        **headers, "webhook-timestamp": respelt, "ce-id": "copy"})
+    assert copy.body.get("replayed") is True or copy.status == 401, copy.body
+    assert rows(db, "SELECT id FROM events") == [("ce-1",)]
+
 # 2. Email header injection through encoded words.
 
 
@@ -280,6 +296,14 @@ def test_an_idle_kept_alive_connection_is_closed(impatient):
     assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer
     assert DEADLINE * 0.9 <= seconds < DEADLINE + 2, seconds
 
+
+def test_blank_lines_between_requests_do_not_keep_a_connection_alive(impatient):
+    # a parser skips blank lines before a request line: each one is data all the same
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\n\r\n")
+        seconds, answer = dropped(sock, sending=b"\n" * 1000, every=DEADLINE / 5)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert seconds < DEADLINE + 2, seconds
 
 def test_a_connection_that_never_sends_a_byte_is_closed(impatient):
     with connect(impatient) as sock:

@@ -332,6 +332,19 @@ def test_a_timestamp_six_minutes_away_is_refused(signed_server, db, offset):
     assert reply.status == 200, reply.body
 
 
+
+@pytest.mark.parametrize("stamp", ["+{}", "{:_}", "9" * 5000, "１２"],
+                         ids=["plus", "underscores", "5000-digits", "fullwidth-digits"])
+def test_a_timestamp_not_written_in_plain_digits_is_refused(signed_server, db, stamp):
+    body = json.dumps(purchase("d1")).encode()
+    headers = sign(SECRET.encode(), body)
+    headers["webhook-timestamp"] = stamp.format(int(headers["webhook-timestamp"]))
+    reply = signed_server.post("/events", raw=body, headers={
+        k: v.encode().decode("latin-1") for k, v in headers.items()})
+    assert (reply.status, reply.body) == (
+        401, {"error": "webhook-timestamp is not a number of seconds"})
+    assert count(db, "events") == 0
+
 def test_a_whsec_secret_is_the_base64_of_the_key(start, db):
     key = os.urandom(24)
     server = start({"standard.secret": "whsec_" + base64.b64encode(key).decode()})
