@@ -110,9 +110,6 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def _headers_late(self) -> None:
         self._deadline = None
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.transport.close()  # a pipelined request: no answer out of turn
-            return
         self._refuse(408, f"the request's headers did not arrive within "
                           f"{self.header_timeout:g} s")
 
@@ -127,6 +124,9 @@ class DeadlineProtocol(HttpToolsProtocol):
         """Answer ``status`` to a request that never reached the app, and close."""
         self._clear_deadline()
         if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.transport.close()  # a pipelined request: no answer out of turn
             return
         body = json.dumps({"error": reason}).encode()
         head = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}".encode(),

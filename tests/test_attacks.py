@@ -223,24 +223,24 @@ def impatient(tmp_path_factory):
 
 def dropped(sock: Any, *, sending: bytes = b"", every: float = 0.0) -> tuple[float, bytes]:
     """Seconds until the server closes ``sock``, and what it answered meanwhile;
-    ``sending`` goes out a byte each ``every`` seconds until then."""
+    ``sending`` goes out a byte each ``every`` seconds until then. Fails after 5 s."""
     start = time.monotonic()
     sock.settimeout(every or 5)
-    answer = b""
-    for byte in [sending[i:i + 1] for i in range(len(sending))] + [b""] * 10_000:
+    answer, pending = b"", iter(sending)
+    while time.monotonic() - start < 5:
+        byte = next(pending, None)
         try:
-            if byte:
-                sock.sendall(byte)
+            if byte is not None:
+                sock.sendall(bytes([byte]))
             data = sock.recv(65536)
         except TimeoutError:
-            assert time.monotonic() - start < 5, "still open after 5 s"
             continue
         except (ConnectionResetError, BrokenPipeError):
-            break
+            data = b""
         if not data:
-            break
+            return time.monotonic() - start, answer
         answer += data
-    return time.monotonic() - start, answer
+    raise AssertionError(f"still open after 5 s; answered {answer!r}")
 
 
 def connect(served: Any) -> Any:
