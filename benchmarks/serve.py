@@ -64,7 +64,7 @@ def start_server(db: Path, port: int) -> subprocess.Popen:
     env = {**os.environ, "RETENTION_STANDARD_SECRET": SECRET}
     process = subprocess.Popen(
         [sys.executable, "-m", "retention.cli", "serve", "--db", str(db), "--rules",
-         str(RULES), "--port", str(port), "--deliver-every", "0"],
+         str(RULES), "--port", str(port), "--deliver-every", "0", "--quiet"],
         env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

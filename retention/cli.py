@@ -902,16 +902,33 @@ def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
               help="Largest body accepted, in bytes (413 above).")
 @click.option("--deliver-every", type=click.FloatRange(0), default=5.0, show_default=True,
               help="Seconds between delivery runs (0: no delivery in this process).")
+@click.option("--header-timeout", type=click.FloatRange(0, min_open=True), default=10.0,
+              show_default=True, help="Seconds a request's headers may take to arrive, "
+                                      "from the connection's opening (408 and closed after).")
+@click.option("--body-timeout", type=click.FloatRange(0, min_open=True), default=30.0,
+              show_default=True, help="Seconds a request's body may take to arrive, "
+                                      "after its headers (408 and closed after).")
+@click.option("--keep-alive", type=click.FloatRange(0, min_open=True), default=5.0,
+              show_default=True, help="Seconds an idle connection stays open after a "
+                                      "response.")
+@click.option("--max-header", type=click.IntRange(1024), default=64 * 1024,
+              show_default=True, help="Largest request headers accepted, in bytes "
+                                      "(431 and closed above).")
+@click.option("--quiet", "-q", is_flag=True, help="No access line per request.")
 @delivery_options
 def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | None,
-          secret: str | None, max_body: int, deliver_every: float,
+          secret: str | None, max_body: int, deliver_every: float, header_timeout: float,
+          body_timeout: float, keep_alive: float, max_header: int, quiet: bool,
           settings: tuple[str, ...], routes: tuple[str, ...], max_attempts: int,
           backoff: float) -> None:
     """Serve the webhook API (POST /events, POST /hooks/{source}, GET /customers/{id},
-    GET /health) and deliver decisions in the background."""
-    import uvicorn
+    GET /health) and deliver decisions in the background.
 
+    Says where it listens on standard error, then prints one access line per
+    request on standard output (none with --quiet); warnings and delivery errors go
+    to standard error."""
     from .delivery import Settings, parse_settings
+    from .listener import run
     from .server import ServerConfig, create_app
 
     values = parse_settings(settings)
@@ -921,11 +938,14 @@ def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | No
     config = ServerConfig(db=db_path, token=token, settings=Settings(values),
                           max_body=max_body, deliver_every=deliver_every,
                           routes=_pairs(routes, "--route"), templates=_templates(rules_path),
-                          max_attempts=max_attempts, backoff=backoff)
+                          max_attempts=max_attempts, backoff=backoff,
+                          body_timeout=body_timeout)
     if not values.get("standard.secret"):
         click.echo("warning: no --secret: POST /events accepts unsigned events", err=True)
-    uvicorn.run(create_app(config), host=host, port=port, log_level="warning",
-                access_log=False)
+    run(create_app(config), host=host, port=port, header_timeout=header_timeout,
+        body_timeout=body_timeout, keep_alive=keep_alive, max_header=max_header,
+        access_log=not quiet,
+        announce=lambda line: click.echo(f"retention: {line}", err=True))
 
 
 def _add_plugin_commands() -> None:

@@ -34,8 +34,8 @@ from typing import Any
 
 import attrs
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from . import plugins, signing, webevents
@@ -65,6 +65,8 @@ class ServerConfig:
     backoff: float = 30.0
     #: most events committed in one transaction
     max_group: int = 2000
+    #: seconds a request's whole body may take to arrive (408 after)
+    body_timeout: float = 30.0
     clock: Callable[[], float] = time.time
 
 
@@ -266,47 +268,73 @@ class RetentionService:
                             headers={"www-authenticate": "Bearer"})
 
     async def _body(self, request: Request) -> bytes:
+        """The whole body, within ``max_body`` bytes and ``body_timeout`` seconds."""
         limit = self.config.max_body
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             raise _TooLarge
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _TooLarge
-            chunks.append(chunk)
+        # one deadline for the whole body: a client sending a byte now and then cannot
+        # hold the request open
+        async with asyncio.timeout(self.config.body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge
+                chunks.append(chunk)
         return b"".join(chunks)
 
     async def _receive(self, request: Request, origin: str, source: str,
                        verify: Callable[[bytes, Mapping[str, str]], None] | None,
                        parse: Callable[[bytes, Mapping[str, str]], list[Any]]
-                       ) -> JSONResponse:
+                       ) -> Response:
         """The body of an authorized request, checked, parsed and stored."""
         try:
             body = await self._body(request)
         except _TooLarge:
             return JSONResponse({"error": f"the body is over {self.config.max_body} bytes"},
                                 status_code=413)
+        except TimeoutError:
+            return JSONResponse(
+                {"error": f"the body did not arrive within {self.config.body_timeout:g} s"},
+                status_code=408, headers={"connection": "close"})
+        except ClientDisconnect:  # nobody to answer; nothing was stored
+            return Response(status_code=400)
         headers = {k.lower(): v for k, v in request.headers.items()}
-        replay_key = None
-        if verify is not None:
-            try:
-                verify(body, headers)  # on the raw bytes, before any parsing
-            except signing.SignatureError as exc:
-                return JSONResponse({"error": str(exc)}, status_code=401)
-            except Exception as exc:  # a source plugin's bug: nothing is let through
-                logger.exception("%s: the signature check failed", origin)
-                return JSONResponse({"error": f"the signature check failed: "
-                                              f"{type(exc).__name__}"}, status_code=500)
-            if headers.get("webhook-id"):
-                # a signed message is used once: its unsigned parts (the ce-* headers of
-                # a binary CloudEvent) cannot be changed and sent again
-                replay_key = (origin, headers["webhook-id"])
-                if self._replays.seen(replay_key, self.config.clock()):
-                    return JSONResponse({"new": 0, "duplicates": 0, "identified": 0,
-                                         "dead_lettered": 0, "decisions": [],
-                                         "replayed": True})
+        if verify is None:
+            return (await self._take(body, headers, origin, source, parse))[0]
+        try:
+            verify(body, headers)  # on the raw bytes, before any parsing
+        except signing.SignatureError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=401)
+        except Exception as exc:  # a source plugin's bug: nothing is let through
+            logger.exception("%s: the signature check failed", origin)
+            return JSONResponse({"error": f"the signature check failed: "
+                                          f"{type(exc).__name__}"}, status_code=500)
+        key = signing.message_key(body, headers)
+        if key is None:
+            return (await self._take(body, headers, origin, source, parse))[0]
+        # a signed message is used once, whatever its unsigned parts (the ce-* headers
+        # of a binary CloudEvent) say: claimed before the first await, so no two
+        # requests can both find it new
+        used = self._replays.claim(key, self.config.clock())
+        if used is not None:
+            return _replayed(headers["webhook-id"], used)
+        stored = False
+        try:
+            response, stored = await self._take(body, headers, origin, source, parse)
+            return response
+        finally:
+            if stored:
+                self._replays.settle(key, self.config.clock())
+            else:  # a sender's retry of a message that was not stored is processed
+                self._replays.release(key)
+
+    async def _take(self, body: bytes, headers: Mapping[str, str], origin: str, source: str,
+                    parse: Callable[[bytes, Mapping[str, str]], list[Any]]
+                    ) -> tuple[JSONResponse, bool]:
+        """The events of a verified body, stored; the answer, and whether anything was
+        stored (the events, or the body as a dead letter)."""
         try:
             raws = parse(body, headers)
             if not isinstance(raws, list):
@@ -316,24 +344,24 @@ class RetentionService:
             reason = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             text = body.decode("utf-8", errors="replace")
-            await self._submit([Incoming(raw=webevents.BodyError(reason), origin=origin,
-                                         text=text, retriable=False)], source)
-            return JSONResponse({"error": reason, "dead_lettered": 1}, status_code=400)
-        items = [Incoming(raw=raw, origin=origin, line=n if len(raws) > 1 else None)
-                 for n, raw in enumerate(raws, 1)]
+            items = [Incoming(raw=webevents.BodyError(reason), origin=origin, text=text,
+                              retriable=False)]
+            refused = JSONResponse({"error": reason, "dead_lettered": 1}, status_code=400)
+        else:
+            items = [Incoming(raw=raw, origin=origin, line=n if len(raws) > 1 else None)
+                     for n, raw in enumerate(raws, 1)]
+            refused = None
         try:
             results = await self._submit(items, source)
         except RetentionError as exc:
-            return JSONResponse({"error": f"not stored: {exc}"}, status_code=503)
+            return JSONResponse({"error": f"not stored: {exc}"}, status_code=503), False
         except Exception as exc:
             logger.exception("%s: the events could not be stored", origin)
             return JSONResponse({"error": f"not stored: {type(exc).__name__}"},
-                                status_code=500)
-        if replay_key is not None:
-            self._replays.remember(replay_key, self.config.clock())
-        return _answer(results)
+                                status_code=500), False
+        return (refused or _answer(results)), True
 
-    async def post_events(self, request: Request) -> JSONResponse:
+    async def post_events(self, request: Request) -> Response:
         refused = self._refused(request)
         if refused is not None:
             return refused
@@ -346,7 +374,7 @@ class RetentionService:
 
         return await self._receive(request, "POST /events", "", verify, webevents.events_of)
 
-    async def post_hook(self, request: Request) -> JSONResponse:
+    async def post_hook(self, request: Request) -> Response:
         name = request.path_params["source"]
         refused = self._refused(request)
         if refused is not None:
@@ -397,23 +425,53 @@ class RetentionService:
 
 
 class _Replays:
-    """Message ids of signed requests already stored, kept as long as their signature
-    could still be accepted (the signed timestamp's tolerance, both ways)."""
+    """Signed messages in flight or already stored (by ``signing.message_key``), a
+    stored one kept as long as its signature could still be accepted (the signed
+    timestamp's tolerance, both ways).
+
+    Only the event loop's thread calls it, and ``claim`` does not await: checking and
+    claiming are one step."""
 
     def __init__(self, keep: float = 2 * signing.TOLERANCE, most: int = 1_000_000):
         self.keep = keep
         self.most = most
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._stored: OrderedDict[bytes, float] = OrderedDict()
+        self._in_flight: set[bytes] = set()
 
-    def seen(self, key: tuple[str, str], now: float) -> bool:
-        while self._seen and (next(iter(self._seen.values())) < now - self.keep
-                              or len(self._seen) > self.most):
-            self._seen.popitem(last=False)
-        return key in self._seen
+    def claim(self, key: bytes, now: float) -> str | None:
+        """None, and the message is now in flight; or why it cannot be used again:
+        ``"stored"`` or ``"in flight"``."""
+        while self._stored and (next(iter(self._stored.values())) < now - self.keep
+                                or len(self._stored) > self.most):
+            self._stored.popitem(last=False)
+        if key in self._stored:
+            return "stored"
+        if key in self._in_flight:
+            return "in flight"
+        self._in_flight.add(key)
+        return None
 
-    def remember(self, key: tuple[str, str], now: float) -> None:
-        self._seen[key] = now
-        self._seen.move_to_end(key)
+    def settle(self, key: bytes, now: float) -> None:
+        """The message was stored: used, for good."""
+        self._in_flight.discard(key)
+        self._stored[key] = now
+        self._stored.move_to_end(key)
+
+    def release(self, key: bytes) -> None:
+        """Nothing was stored: the message may come again."""
+        self._in_flight.discard(key)
+
+
+def _replayed(msg_id: str, used: str) -> JSONResponse:
+    """The answer to a signed message already used: 200 once it is stored (the
+    sender's retry gets its success, and nothing changes), 409 while another request
+    stores it (that one's answer says whether it was)."""
+    if used == "stored":
+        return JSONResponse({"new": 0, "duplicates": 0, "identified": 0,
+                             "dead_lettered": 0, "decisions": [], "replayed": True})
+    return JSONResponse({"error": f"message {msg_id} is being stored by another request; "
+                                  "send it again once that one is answered",
+                         "replayed": True}, status_code=409)
 
 
 def _with_source(item: Incoming, source: str) -> Incoming:

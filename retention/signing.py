@@ -60,10 +60,9 @@ def verify(secret: str | bytes, body: bytes, headers: Mapping[str, str], *,
         missing = [n for n, v in (("webhook-id", msg_id), ("webhook-timestamp", stamp),
                                   ("webhook-signature", given)) if not v]
         raise SignatureError(f"missing signature header {', '.join(missing)}")
-    try:
-        timestamp = int(stamp)
-    except ValueError:
-        raise SignatureError("webhook-timestamp is not a number of seconds") from None
+    timestamp = _seconds(stamp)
+    if timestamp is None:
+        raise SignatureError("webhook-timestamp is not a number of seconds")
     if abs(now - timestamp) > tolerance:
         raise SignatureError(f"webhook-timestamp is more than {tolerance // 60} minutes "
                              "from the server's clock")
@@ -75,3 +74,26 @@ def verify(secret: str | bytes, body: bytes, headers: Mapping[str, str], *,
     if not ok:
         raise SignatureError("bad signature")
     return msg_id
+
+
+def message_key(body: bytes, headers: Mapping[str, str]) -> bytes | None:
+    """What identifies a signed message: a digest of exactly what its signature covers
+    (``webhook-id``, ``webhook-timestamp`` as the number it is, and the body), or None
+    without a ``webhook-id``. Only the secret's holder can make a new one; a copy of a
+    captured request, whatever its other headers say, has the same key."""
+    msg_id = headers.get("webhook-id")
+    if not msg_id:
+        return None
+    timestamp = _seconds(headers.get("webhook-timestamp", ""))
+    signed = b"%s.%d.%s" % (msg_id.encode(), -1 if timestamp is None else timestamp, body)
+    return hashlib.sha256(signed).digest()
+
+
+def _seconds(stamp: str) -> int | None:
+    """A timestamp's seconds, written in ASCII digits only: ``int`` would also take
+    ``+17``, ``1_7`` or other scripts' digits, spellings of the same signed number
+    that could pass for another message."""
+    stamp = stamp.strip()
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 18:
+        return None
+    return int(stamp)

@@ -1,6 +1,6 @@
-"""Real servers on 127.0.0.1 for the delivery tests: an SMTP server (aiosmtpd) that
-keeps what it accepted, an HTTP server that keeps what was POSTed to it, and a
-self-signed certificate for STARTTLS.
+"""Real servers on 127.0.0.1 for the tests: an SMTP server (aiosmtpd) that keeps what
+it accepted, an HTTP server that keeps what was POSTed to it, a self-signed
+certificate for STARTTLS, and ``retention serve`` as a process.
 
 Nothing here is a mock: the sinks talk to these servers through smtplib and urllib
 over loopback sockets, and a test reads what arrived.
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import ssl
 import subprocess
+import sys
 import threading
+import time
 from email import message_from_bytes, policy
 from email.message import EmailMessage
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -263,3 +266,68 @@ class HttpReceiver:
         self.server.shutdown()
         self.server.server_close()
         self._thread.join(timeout=10)
+
+
+# -- retention serve ---------------------------------------------------------------------
+
+
+class Served:
+    """``retention serve`` running as a process: its port (read from the line where it
+    says it listens) and what it printed so far, on each stream."""
+
+    def __init__(self, process: subprocess.Popen[str]):
+        self.process = process
+        self.port = 0
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._listening = threading.Event()
+        self._readers = [threading.Thread(target=self._read, args=(stream, lines),
+                                          daemon=True)
+                         for stream, lines in ((process.stdout, self.out),
+                                               (process.stderr, self.err))]
+        for reader in self._readers:
+            reader.start()
+
+    def _read(self, stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("retention: listening on http://127.0.0.1:"):
+                self.port = int(line.rsplit(":", 1)[1])
+                self._listening.set()
+
+    def wait_listening(self, seconds: float = 20) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._listening.wait(0.05):
+            assert self.process.poll() is None, f"it stopped: {self.err}"
+            assert time.monotonic() < deadline, f"not listening after {seconds} s: {self.err}"
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status once both streams are read to their end."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            status = self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            status = self.process.wait(15)
+        for reader in self._readers:
+            reader.join(10)
+        return status
+
+
+def retention_serve(db: Path, rules: Path, *options: str) -> Served:
+    """``retention serve --port 0`` (a free port) over ``db``, with ``options``, its
+    environment free of RETENTION_* variables; listening when this returns."""
+    command = Path(sys.executable).parent / "retention"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETENTION_")}
+    process = subprocess.Popen(
+        [str(command), "serve", "--db", str(db), "--rules", str(rules), "--port", "0",
+         *options], cwd=db.parent, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    served = Served(process)
+    try:
+        served.wait_listening()
+    except BaseException:
+        served.stop()
+        raise
+    return served

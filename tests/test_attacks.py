@@ -4,10 +4,165 @@ project defends against; each section is one finding, numbered as in the issue
 that listed them, and each test failed on the code before its fix.
 """
 
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from retention.server import create_app
 
 # 1. Replay race: one signed event sent on many connections at once is stored once.
 
+SECRET = "a shared secret"
+BINARY = {"ce-specversion": "1.0", "ce-id": "ce-1", "ce-source": "/shop", "ce-type": "purchase",
+          "ce-time": "2026-03-02T08:30:00Z", "ce-subject": "ann",
+          "Content-Type": "application/json"}
 
+
+@pytest.fixture
+def signed(tmp_path):
+    """A server that checks Standard Webhooks signatures, on a real socket."""
+    from retention.store import StoredEngine
+    from tests.test_server import RETAIL, config_of, serving
+
+    db = tmp_path / "shop.db"
+    StoredEngine(db, RETAIL).close()
+    with serving(create_app(config_of(db, {"standard.secret": SECRET}))) as server:
+        yield server, db
+
+
+def at_once(clients: int, send: Any) -> list[Any]:
+    """``send(n)`` on ``clients`` threads released together; their replies."""
+    barrier = threading.Barrier(clients)
+    replies: dict[int, Any] = {}
+
+    def client(n: int) -> None:
+        barrier.wait(10)
+        replies[n] = send(n)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(replies) == clients, "a client did not get its answer"
+    return [replies[n] for n in range(clients)]
+
+
+@contextlib.contextmanager
+def database_held(db: Path):
+    """Another process's write transaction on ``db``: the server's writer waits for it
+    (SQLite's busy timeout), so every request of a burst is in flight at once."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
+
+
+def wait_for(condition: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured", "batch"])
+def test_one_signed_message_on_20_connections_at_once_is_stored_once(signed, mode):
+    from tests.test_server import rows, sign
+
+    server, db = signed
+    if mode == "binary":
+        body, headers = json.dumps({"amount": 55}).encode(), BINARY
+    else:
+        event = {"specversion": "1.0", "id": "ce-1", "source": "/shop", "type": "purchase",
+                 "time": "2026-03-02T08:30:00Z", "subject": "ann", "data": {"amount": 55}}
+        kind = "cloudevents+json" if mode == "structured" else "cloudevents-batch+json"
+        body = json.dumps(event if mode == "structured" else [event]).encode()
+        headers = {"Content-Type": f"application/{kind}"}
+    headers = {**headers, **sign(SECRET.encode(), body, "msg_once")}
+    replies: list[Any] = []
+
+    def send(n: int) -> Any:
+        # binary mode: each copy with its own ce-id and ce-subject, outside the signature
+        changed = {"ce-id": f"copy-{n}", "ce-subject": f"victim-{n}"} if n and \
+            mode == "binary" else {}
+        reply = server.post("/events", raw=body, headers={**headers, **changed})
+        replies.append(reply)
+        return reply
+
+    with database_held(db):
+        # while the first copy waits for the database, the others are answered
+        burst = threading.Thread(target=at_once, args=(20, send))
+        burst.start()
+        wait_for(lambda: len(replies) >= 19, 5)
+    burst.join(30)
+    answers = replies
+    assert len(answers) == 20
+    stored = [r for r in answers if r.status == 200 and r.body.get("new") == 1]
+    refused = [r for r in answers if r.body.get("replayed") is True]
+    assert len(stored) == 1, answers
+    assert len(refused) == 19, answers
+    assert all(r.status == 409 and "msg_once" in r.body["error"] for r in refused), refused
+    assert rows(db, "SELECT count(*) FROM events") == [(1,)]
+    # once stored, the same message again is answered as already used
+    late = server.post("/events", raw=body, headers={**headers, "ce-id": "late"})
+    assert (late.status, late.body["replayed"], late.body["new"]) == (200, True, 0)
+    assert rows(db, "SELECT count(*) FROM events") == [(1,)]
+
+
+
+
+def test_a_signed_message_used_on_events_cannot_be_used_again_on_hooks_standard(signed):
+    from tests.test_server import rows, sign
+
+    server, db = signed  # /hooks/standard checks the same secret
+    body = json.dumps({"amount": 55}).encode()
+    headers = {**BINARY, **sign(SECRET.encode(), body, "msg_x")}
+    assert server.post("/events", raw=body, headers=headers).body["new"] == 1
+    copy = server.post("/hooks/standard", raw=body, headers={**headers, "ce-id": "copy"})
+    assert (copy.status, copy.body.get("replayed")) == (200, True), copy.body
+    assert rows(db, "SELECT id FROM events") == [("ce-1",)]
+
+
+@pytest.mark.parametrize("change", ["webhook-id", "webhook-timestamp"])
+def test_a_captured_signature_does_not_sign_another_id_or_time(signed, change):
+    from tests.test_server import rows, sign
+
+    server, db = signed
+    body = json.dumps({"amount": 55}).encode()
+    headers = {**BINARY, **sign(SECRET.encode(), body, "msg_y")}
+    assert server.post("/events", raw=body, headers=headers).body["new"] == 1
+    new_value = "msg_z" if change == "webhook-id" else str(int(time.time()) - 1)
+    forged = server.post("/events", raw=body,
+                         headers={**headers, change: new_value, "ce-id": "copy"})
+    assert (forged.status, forged.body["error"]) == (401, "bad signature"), forged.body
+    assert rows(db, "SELECT id FROM events") == [("ce-1",)]
+
+
+@pytest.mark.parametrize("spelling", ["0{}", "+{}", "{}\t", "{:_}"],
+                         ids=["leading-zero", "plus", "tab", "underscores"])
+def test_another_spelling_of_the_signed_timestamp_is_the_same_message(signed, spelling):
+    from tests.test_server import rows, sign
+
+    server, db = signed
+    body = json.dumps({"amount": 55}).encode()
+    headers = {**BINARY, **sign(SECRET.encode(), body, "msg_t")}
+    assert server.post("/events", raw=body, headers=headers).body["new"] == 1
+    respelt = spelling.format(int(headers["webhook-timestamp"]))
+    copy = server.post("/events", raw=body, headers={
+        **headers, "webhook-timestamp": respelt, "ce-id": "copy"})
+    assert copy.body.get("replayed") is True or copy.status == 401, copy.body
+    assert rows(db, "SELECT id FROM events") == [("ce-1",)]
 
 # 2. Email header injection through encoded words.
 
@@ -46,6 +201,123 @@ that listed them, and each test failed on the code before its fix.
 
 
 # 11. Slow clients are dropped.
+
+DEADLINE = 0.3  # the header, body and keep-alive timeouts of the served process, in s
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory):
+    """``retention serve`` with sub-second timeouts, given as its options."""
+    from retention.store import StoredEngine
+    from tests.servers import retention_serve
+    from tests.test_server import RETAIL
+
+    db = tmp_path_factory.mktemp("impatient") / "shop.db"
+    StoredEngine(db, RETAIL).close()
+    served = retention_serve(db, RETAIL, "--header-timeout", str(DEADLINE),
+                             "--body-timeout", str(DEADLINE), "--keep-alive", str(DEADLINE),
+                             "--max-header", "8192", "--deliver-every", "0")
+    yield served
+    served.stop()
+
+
+def dropped(sock: Any, *, sending: bytes = b"", every: float = 0.0) -> tuple[float, bytes]:
+    """Seconds until the server closes ``sock``, and what it answered meanwhile;
+    ``sending`` goes out a byte each ``every`` seconds until then. Fails after 5 s."""
+    start = time.monotonic()
+    sock.settimeout(every or 5)
+    answer, pending = b"", iter(sending)
+    while time.monotonic() - start < 5:
+        byte = next(pending, None)
+        try:
+            if byte is not None:
+                sock.sendall(bytes([byte]))
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            data = b""
+        if not data:
+            return time.monotonic() - start, answer
+        answer += data
+    raise AssertionError(f"still open after 5 s; answered {answer!r}")
+
+
+def connect(served: Any) -> Any:
+    import socket
+
+    return socket.create_connection(("127.0.0.1", served.port), timeout=5)
+
+
+def test_a_client_that_sends_half_its_headers_and_stops_is_dropped(impatient):
+    with connect(impatient) as sock:
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: shop\r\nContent-Ty")
+        seconds, answer = dropped(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert DEADLINE * 0.9 <= seconds < DEADLINE + 2, seconds
+
+
+def test_headers_sent_a_byte_at_a_time_do_not_extend_the_deadline(impatient):
+    headers = b"GET /health HTTP/1.1\r\nHost: shop\r\nX-Slow: " + b"s" * 200 + b"\r\n\r\n"
+    with connect(impatient) as sock:
+        seconds, answer = dropped(sock, sending=headers, every=DEADLINE / 10)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer  # not the 200 of /health
+    assert seconds < DEADLINE + 2, seconds
+
+
+def test_a_client_that_sends_half_its_body_and_stops_gets_408(impatient):
+    from tests.test_server import rows
+
+    with connect(impatient) as sock:
+        sock.sendall(b"POST /events HTTP/1.1\r\nHost: shop\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: 200\r\n\r\n{\"id\": \"half\", \"cust")
+        seconds, answer = dropped(sock)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert b"the body did not arrive within 0.3 s" in answer
+    assert DEADLINE * 0.9 <= seconds < DEADLINE + 2, seconds
+    db = Path(impatient.process.args[3])
+    assert rows(db, "SELECT count(*) FROM events") == [(0,)]
+
+
+def test_the_rest_of_a_body_the_server_did_not_wait_for_cannot_hold_the_connection(
+        impatient):
+    # /health answers at once; its body then comes a byte at a time, for ever
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\nContent-Length: 100000\r\n\r\n")
+        seconds, answer = dropped(sock, sending=b"x" * 1000, every=DEADLINE / 10)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert seconds < DEADLINE + 2, seconds
+
+
+def test_an_idle_kept_alive_connection_is_closed(impatient):
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\n\r\n")
+        seconds, answer = dropped(sock)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer
+    assert DEADLINE * 0.9 <= seconds < DEADLINE + 2, seconds
+
+
+def test_blank_lines_between_requests_do_not_keep_a_connection_alive(impatient):
+    # a parser skips blank lines before a request line: each one is data all the same
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\n\r\n")
+        seconds, answer = dropped(sock, sending=b"\n" * 1000, every=DEADLINE / 5)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+    assert seconds < DEADLINE + 2, seconds
+
+def test_a_connection_that_never_sends_a_byte_is_closed(impatient):
+    with connect(impatient) as sock:
+        seconds, _ = dropped(sock)
+    assert DEADLINE * 0.9 <= seconds < DEADLINE + 2, seconds
+
+
+def test_headers_over_max_header_are_431_and_closed(impatient):
+    with connect(impatient) as sock:
+        # a little over the limit, all read by the server: its answer is not lost to a reset
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\nX-Big: " + b"b" * 9000)
+        _, answer = dropped(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    assert b"over 8192 bytes" in answer
 
 
 

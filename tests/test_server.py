@@ -332,6 +332,19 @@ def test_a_timestamp_six_minutes_away_is_refused(signed_server, db, offset):
     assert reply.status == 200, reply.body
 
 
+
+@pytest.mark.parametrize("stamp", ["+{}", "{:_}", "9" * 5000, "１２"],
+                         ids=["plus", "underscores", "5000-digits", "fullwidth-digits"])
+def test_a_timestamp_not_written_in_plain_digits_is_refused(signed_server, db, stamp):
+    body = json.dumps(purchase("d1")).encode()
+    headers = sign(SECRET.encode(), body)
+    headers["webhook-timestamp"] = stamp.format(int(headers["webhook-timestamp"]))
+    reply = signed_server.post("/events", raw=body, headers={
+        k: v.encode().decode("latin-1") for k, v in headers.items()})
+    assert (reply.status, reply.body) == (
+        401, {"error": "webhook-timestamp is not a number of seconds"})
+    assert count(db, "events") == 0
+
 def test_a_whsec_secret_is_the_base64_of_the_key(start, db):
     key = os.urandom(24)
     server = start({"standard.secret": "whsec_" + base64.b64encode(key).decode()})
@@ -404,6 +417,30 @@ def test_the_default_limit_is_one_mebibyte(server, db):
     assert over.status == 413, over.body
     assert rows(db, "SELECT id FROM events") == [("limit",)]
 
+
+
+def test_a_body_slower_than_body_timeout_is_408_whatever_server_runs_the_app(start, db):
+    # the app's own deadline: it holds under any ASGI server (here, plain uvicorn)
+    server = start(body_timeout=0.3)
+    body = json.dumps(purchase("slow")).encode()
+
+    def trickle() -> Any:
+        yield body[:10]
+        time.sleep(0.6)
+        yield body[10:]
+
+    started = time.monotonic()
+    try:
+        reply = server.post("/events", chunks=trickle())
+    except (ConnectionResetError, BrokenPipeError):
+        reply = None  # closed while the client still sent: also dropped
+    assert time.monotonic() - started < 3
+    if reply is not None:
+        assert reply.status == 408, reply.body
+        assert reply.body == {"error": "the body did not arrive within 0.3 s"}
+        assert reply.headers["connection"] == "close"
+    assert count(db, "events") == 0 and count(db, "dead_letters") == 0
+    assert server.post("/events", raw=body).status == 200  # in time, it is taken
 
 # -- 5. bodies that are not events ----------------------------------------------------------
 
@@ -801,6 +838,32 @@ def test_retention_serve_runs_the_server_and_stops_cleanly(tmp_path, stop):
     assert rows(db, "SELECT id, customer FROM events") == [("sv1", "sal")]
     assert not Path(f"{db}-wal").exists()  # its connections were closed
 
+
+
+@pytest.mark.parametrize("quiet", [False, True], ids=["access log", "--quiet"])
+def test_retention_serve_says_where_it_listens_and_logs_each_request(tmp_path, quiet):
+    from tests.servers import retention_serve
+
+    served = retention_serve(tmp_path / "served.db", RETAIL, *(["--quiet"] if quiet else []))
+    try:
+        assert request(served.port, "GET", "/health").status == 200
+        body = json.dumps(purchase("lg1")).encode()
+        reply = request(served.port, "POST", "/events?from=test", body=body,
+                        headers={"Content-Type": "application/json"})
+        assert reply.status == 200, reply.body
+    finally:
+        status = served.stop()
+    assert status in (0, -signal.SIGTERM), served.err
+    assert f"retention: listening on http://127.0.0.1:{served.port}" in served.err
+    assert not any("Uvicorn running" in line or "Traceback" in line for line in served.err)
+    access = [line for line in served.out if "HTTP/1.1" in line]
+    if quiet:
+        assert access == [], served.out
+    else:
+        assert len(access) == 2, served.out
+        assert '"GET /health HTTP/1.1" 200' in access[0]
+        assert '"POST /events?from=test HTTP/1.1" 200' in access[1]
+        assert access[0].split()[1].startswith("127.0.0.1:")  # who asked
 
 # -- 12. the delivery loop inside the server ------------------------------------------------
 
