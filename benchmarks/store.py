@@ -11,7 +11,9 @@ floor of what storage costs here), the throughput of ``StoredEngine.ingest``
 ``--batch`` events, whichever is fewer), their ratio, the resident memory at
 every tenth of the ingest (flat: only the batch's customers are in memory),
 the time of a ``tick`` in a database of N stored customers of which 1% are
-due, and the peak memory.
+due, the time of ``at_risk`` there (at the tick's moment and at the latest event,
+with how many customers it read, against reading every snapshot once), and
+the peak memory.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import resource
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -111,7 +114,38 @@ def tick_with(customers: int, folder: Path, seed: int) -> None:
     elapsed = time.perf_counter() - started
     print(f"tick with {stored:,} stored customers, {due_wanted:,} due: {len(made):,} decisions "
           f"in {elapsed * 1000:,.0f} ms")
+    at_risk_with(engine, stored, now)
     engine.close()
+
+
+def at_risk_with(engine: Engine, stored: int, tick_moment: datetime) -> None:
+    """``at_risk`` at the tick's moment (customers with later events are replayed to
+    it) and at the latest event stored, with how many customers it read, against
+    reading every customer's snapshot once (what a listing that looked at all
+    customers would cost at the least)."""
+    from retention.times import from_seconds
+
+    started = time.perf_counter()
+    total = engine.db.execute("SELECT sum(length(state)) FROM customers").fetchone()[0]
+    scan = time.perf_counter() - started
+    print(f"yardstick: reading all {stored:,} snapshots ({total / 1e6:,.0f} MB) "
+          f"in {scan * 1000:,.0f} ms")
+    latest = engine.db.execute("SELECT max(last_ts) FROM customers").fetchone()[0]
+    for moment in (tick_moment, from_seconds(latest)):
+        t = moment.timestamp()
+        levelled, due, later = engine.db.execute(
+            "SELECT count(*) FILTER (WHERE level IS NOT NULL),"
+            " count(*) FILTER (WHERE level IS NULL AND next_change_at <= ?),"
+            " count(*) FILTER (WHERE level IS NULL AND NOT next_change_at <= ?"
+            "  AND last_ts > ? AND opened_at <= ?) FROM customers", [t, t, t, t]).fetchone()
+        started = time.perf_counter()
+        rows = engine.at_risk(now=moment)
+        elapsed = time.perf_counter() - started
+        read = levelled + due + later
+        print(f"at-risk at {moment.date()} with {stored:,} stored customers: {len(rows):,} "
+              f"listed, {read:,} read ({levelled:,} in a level, {due:,} due, {later:,} with "
+              f"later events), in {elapsed * 1000:,.0f} ms ({elapsed / scan:.1f} yardsticks; "
+              f"{elapsed / max(1, read) * 1e6:,.0f} us a customer read)")
 
 
 def main() -> None:

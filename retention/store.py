@@ -1315,8 +1315,8 @@ class StoredEngine(Engine):
         else:
             sql = ("SELECT id FROM customers WHERE level IS NOT NULL"
                    " UNION SELECT id FROM customers WHERE next_change_at <= ?"
-                   " UNION SELECT id FROM customers WHERE last_ts > ?")
-            args = [t, t]
+                   " UNION SELECT id FROM customers WHERE last_ts > ? AND opened_at <= ?")
+            args = [t, t, t]
         return [cid for (cid,) in self.db.execute(sql, args)]
 
     def stats(self) -> dict[str, Any]:
