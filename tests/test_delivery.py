@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
@@ -128,11 +129,19 @@ class Clock:
         self.now += seconds
 
 
+#: the events' day: a few days ago, so that their decisions are fresh (max_age 7d)
+DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=5)
+
+
+def moment(n):
+    """The time of event number ``n``: one hour after event n-1."""
+    return (DAY + timedelta(hours=10 + n)).isoformat().replace("+00:00", "Z")
+
+
 def event(n, customer, kind, **props):
-    """Event number ``n`` (one hour after event n-1) as a JSON line."""
-    hours = 10 + n
-    at = f"2026-03-{1 + hours // 24:02d}T{hours % 24:02d}:00:00Z"
-    return json.dumps({"id": f"e{n}", "customer": customer, "type": kind, "at": at, **props})
+    """Event number ``n`` as a JSON line."""
+    return json.dumps({"id": f"e{n}", "customer": customer, "type": kind, "at": moment(n),
+                       **props})
 
 
 def identify(customer, *aliases):
@@ -652,7 +661,7 @@ def test_max_attempts_on_the_command_line_leaves_a_failure_for_an_operator(
     assert result.exit_code == 2, result.output
     assert one_line(result.stdout) == "sent 0, failed 1 (1 left for an operator: --retry ID)"
     assert one_line(result.stderr) == \
-        f"failed: {did}: {receiver.url} answered 503 Service Unavailable"
+        f"failed: {receiver.url} answered 503 Service Unavailable (decision {did})"
     listed = invoke("decisions", "--db", db, "--status", "failed")
     assert listed.exit_code == 0 and "notify_team" in listed.stdout
     assert "answered 503" in listed.stdout
@@ -1006,7 +1015,7 @@ def test_a_late_unsubscribe_holds_back_a_failed_marketing_email(shop, rules, smt
     assert statuses(db) == {"failed": 1}
     # an unsubscribe dated before the review arrives late: the thanks must not go
     late = json.dumps({"id": "u1", "customer": "ann@example.com", "type": "unsubscribe",
-                       "at": "2026-03-01T11:30:00Z"})
+                       "at": moment(1).replace(":00:00Z", ":30:00Z")})
     assert invoke("ingest", "--db", db, "-", input=late + "\n").exit_code == 0
     assert query(db, "SELECT status, reason FROM decisions") == [("suppressed", "consent")]
     smtp.start()

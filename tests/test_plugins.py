@@ -273,6 +273,7 @@ def test_installed_plugin_sink_delivers_and_its_command_runs(installed, tmp_path
     tasks = tmp_path / "tasks.jsonl"
     deliver = run(installed, "deliver", "--db", db, "--rules", RETAIL,
                   "--route", "email=log", "--route", "crm_tag=log",
+                  "--max-age", "3650d",  # (decisions of 2025: not expired)
                   env={"RETENTION_CRM_TASK_PATH": str(tasks),
                        "RETENTION_LOG_PATH": str(tmp_path / "log.jsonl")})
     assert deliver.returncode == 0, deliver.stderr
