@@ -540,7 +540,7 @@ def _expiry_reason(max_age: float, now: float) -> str:
 
 def duration_text(seconds: float) -> str:
     """``604800`` as ``7d``: a duration as a rule file writes it."""
-    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"

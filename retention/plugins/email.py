@@ -41,7 +41,7 @@ from email.errors import HeaderParseError
 from email.header import Header
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, getaddresses
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,8 @@ class EmailSink:
         self.unsubscribe_mailto = settings.get("email", "unsubscribe_mailto")
         if self.unsubscribe_mailto is not None:
             try:
-                [(name, _)] = _addresses(self.unsubscribe_mailto)
-                assert not name
-            except (DeliveryError, ValueError, AssertionError):
+                _one_address(self.unsubscribe_mailto)
+            except DeliveryError:
                 raise SettingError("email: unsubscribe_mailto must be one plain address, "
                                    f"got {self.unsubscribe_mailto!r}") from None
         folder = settings.get("email", "templates")
@@ -258,8 +257,10 @@ WIDTH, LONGEST = 78, 998
 _FIELD_NAME = re.compile(r"[!-9;-~]+")
 #: text a header carries as it is: printable ASCII (no control character, no tab)
 _PRINTABLE = re.compile(r"[ -~]*")
-#: a plain address, and a display name that needs no quoting or encoding
-_ADDRESS = re.compile(r"[!-~]+@[!-~]+")
+#: a plain address (dot-atoms, no quoting), a mailbox of an address list, and a display
+#: name that needs no quoting or encoding
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+_MAILBOX = re.compile(r'(?P<name>[^<>",:;()\\]*?)\s*<(?P<angle>[^<>\s]+)>|(?P<bare>[^<>\s]+)')
 _ATOMS = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+")
 _URL = re.compile(r"[!-~]+")
 #: every line boundary of str.splitlines: a reader splitting on any of them must not
@@ -342,20 +343,26 @@ def _header_lines(head: str, where: str) -> list[tuple[str, str]]:
 
 
 def _addresses(text: str) -> list[tuple[str, str]]:
-    """The ``(display name, address)`` pairs of an address list, each address plain
-    (printable ASCII, one ``@``, no ``=?``) and one the header registry accepts."""
-    pairs = getaddresses([text])
-    if not pairs or any(not addr for _, addr in pairs):
-        raise DeliveryError(f"{text!r} is not a list of email addresses", permanent=True)
-    for name, addr in pairs:
+    """The ``(display name, address)`` pairs of a list of plain mailboxes, ``addr`` or
+    ``Name <addr>``, separated by commas: nothing a reader could take otherwise (a
+    group, a quote, a comment, an encoded word in an address) and nothing dropped."""
+    pairs = []
+    for item in text.split(","):
+        match = _MAILBOX.fullmatch(item.strip())
+        if match is None:
+            raise DeliveryError(f"{text!r} is not a list of plain email addresses",
+                                permanent=True)
+        name, addr = (match["name"] or "").strip(), match["angle"] or match["bare"]
         if not _plain_address(addr) or _breaks_line(name):
             raise DeliveryError(f"{text!r} is not a list of plain email addresses",
                                 permanent=True)
+        pairs.append((name, addr))
     return pairs
 
 
 def _plain_address(addr: str) -> bool:
-    if not _ADDRESS.fullmatch(addr) or addr.count("@") != 1 or "=?" in addr:
+    """``local@domain`` in plain ASCII, no ``=?``, as the header registry reads it."""
+    if not _ADDRESS.fullmatch(addr) or "=?" in addr:
         return False
     try:
         return Address(addr_spec=addr).addr_spec == addr
