@@ -549,9 +549,10 @@ def duration_text(seconds: float) -> str:
 def error_kind(message: str, customer: str, identifiers: Iterable[str] = ()) -> str:
     """A sink's error with the customer's id and identifiers masked, so that the same
     failure for many customers ("no email address for customer c-1") reads as one
-    kind of error."""
+    kind of error. (A value of digits alone is left: it could be a status code.)"""
     values = {customer, *(name.partition(":")[2] for name in identifiers)}
-    for value in sorted((v for v in values if len(v) >= 2), key=len, reverse=True):
+    for value in sorted((v for v in values if len(v) >= 2 and not v.isdigit()), key=len,
+                        reverse=True):
         message = re.sub(rf"(?<![\w.@-]){re.escape(value)}(?![\w.@-])", "<customer>",
                          message)
     return message

@@ -137,15 +137,15 @@ class EmailSink:
         lines = _header_lines(head_template, where)
         body = _fill(body_template, values, where)
         msg = EmailMessage(policy=_POLICY)
-        for name, value_template in lines:
+        for field, value_template in lines:
             value = _fill(value_template, values, where).strip()
             if _breaks_line(value):
                 raise DeliveryError(f"{where}: a value has a line break and would change the "
                                     "header lines", permanent=True)
-            if name.lower() in _ADDRESS_HEADERS:
-                msg[name] = _Written(name, value, _address_list(value, f"{where}: {name}"))
+            if field.lower() in _ADDRESS_HEADERS:
+                msg[field] = _Written(field, value, _address_list(field, value, where))
             else:
-                msg[name] = _Written(name, value, encoded_text(name, value))
+                msg[field] = _Written(field, value, encoded_text(field, value))
         msg["From"] = _Written("From", self.sender,
                                _mailbox(self.sender_name, self.sender_address))
         msg["To"] = _Written("To", recipient, _mailbox("", recipient))
@@ -376,17 +376,19 @@ def _mailbox(name: str, addr: str) -> str:
     if not name:
         return addr
     if not (_ATOMS.fullmatch(name) and "=?" not in name):
-        name = Header(name, "utf-8", maxlinelen=WIDTH).encode(splitchars=" ", linesep=" ")
+        words = Header(name, "utf-8", maxlinelen=WIDTH).encode(linesep="\n")
+        name = " ".join(word.strip() for word in words.split("\n"))
     return f"{name} <{addr}>"
 
 
-def _address_list(text: str, where: str) -> str:
+def _address_list(field: str, text: str, where: str) -> str:
+    """The folded lines of an address header holding the mailboxes of ``text``."""
     try:
         pairs = _addresses(text)
     except DeliveryError:
-        raise DeliveryError(f"{where}: {text!r} is not a list of plain email addresses",
-                            permanent=True) from None
-    return "\n".join(_fold("", ", ".join(_mailbox(n, a) for n, a in pairs)))
+        raise DeliveryError(f"{where}: {field}: {text!r} is not a list of plain email "
+                            "addresses", permanent=True) from None
+    return "\n".join(_fold(field, ", ".join(_mailbox(n, a) for n, a in pairs)))
 
 
 def _one_address(text: str) -> str:
