@@ -38,6 +38,7 @@ from .servers import (
     server_tls_context,
 )
 
+RETENTION = os.path.join(os.path.dirname(sys.executable), "retention")
 SENDER = "Shop <news@shop.example>"
 UNSUBSCRIBE = "https://shop.example/u/${customer}"
 SECRET = "whsec_" + base64.b64encode(b"a webhook key of 32 bytes, fixed").decode()
@@ -1317,3 +1318,32 @@ def test_the_servers_delivery_loop_logs_what_keeps_decisions_from_going(
     assert failed.getMessage().startswith(
         f"delivery: 2 failed: {receiver.url} answered 500 Internal Server Error (first: ")
     assert statuses(db, "email") == {"pending": 1}
+
+
+def test_retention_serve_passes_max_age_to_its_delivery_loop(shop, rules, tmp_path):
+    import socket
+
+    db = shop(dated_events([("old", 3), ("recent", 1)]))
+    log = tmp_path / "deliveries.jsonl"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETENTION_")}
+    process = subprocess.Popen(
+        [str(RETENTION), "serve", "--db", str(db), "--rules", str(rules), "--port", str(port),
+         "--deliver-every", "0.05", "--max-age", "2d", "--route", "crm_task=log",
+         "--route", "crm_tag=log", "--set", f"log.path={log}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while statuses(db).get("pending"):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"still pending after 20 s: {statuses(db)}"
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+    assert set(query(db, "SELECT customer, status FROM decisions")) == {
+        ("old", "expired"), ("recent", "sent")}
+    assert {json.loads(line)["data"]["customer"] for line in log.read_text().splitlines()
+            } == {"recent"}
