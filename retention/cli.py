@@ -838,8 +838,9 @@ def delivery_options(command: Any) -> Any:
 @click.option("--retry", "retry_ids", multiple=True, metavar="ID",
               help="Deliver this decision now (a failed one after a fix); repeatable.")
 @click.option("--limit", type=click.IntRange(1), help="Deliver at most N decisions.")
-@click.option("--now", help="Measure the age of decisions (--max-age) at T instead of "
-                            "the clock: what a run on that day would send.")
+@click.option("--now", metavar="T", help="Measure the age of decisions (--max-age) at T "
+                                         "instead of the clock: what a run on that day "
+                                         "would send.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
             routes: tuple[str, ...], max_attempts: int, backoff: float, max_age: float,
