@@ -20,7 +20,7 @@ from .errors import EventError, LineError, RetentionError, RuleFileError
 from .models import CORE_FIELDS, parse_json_line
 from .output import format_options, render
 from .rules.loader import load_rules
-from .times import TimeFormatError, from_seconds, parse_instant
+from .times import TimeFormatError, from_seconds, parse_duration, parse_instant
 
 
 class _Group(click.Group):
@@ -553,7 +553,7 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
 @cli.command()
 @_db_option
 @click.option("--status", type=click.Choice(
-    ["pending", "sending", "sent", "failed", "suppressed", "held_out"]),
+    ["pending", "sending", "sent", "failed", "suppressed", "held_out", "expired"]),
     help="Only decisions with this status.")
 @click.option("--since", help="Decided at or after T.")
 @click.option("--customer", "customer_id", help="Of one customer.")
@@ -798,13 +798,25 @@ def _pairs(values: Iterable[str], option: str) -> dict[str, str]:
 
 
 def _deliverer(engine: Any, rules_path: Path, settings: tuple[str, ...],
-               routes: tuple[str, ...], max_attempts: int, backoff: float) -> Any:
+               routes: tuple[str, ...], max_attempts: int, backoff: float,
+               max_age: float, as_of: float | None) -> Any:
     from . import plugins
     from .delivery import Deliverer, Settings, parse_settings
 
     return Deliverer(engine, plugins.sinks(), settings=Settings(parse_settings(settings)),
                      routes=_pairs(routes, "--route"), templates=_templates(rules_path),
-                     max_attempts=max_attempts, base_backoff=backoff)
+                     max_attempts=max_attempts, base_backoff=backoff, max_age=max_age,
+                     as_of=as_of)
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except TimeFormatError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than zero")
+    return seconds
 
 
 def delivery_options(command: Any) -> Any:
@@ -820,7 +832,12 @@ def delivery_options(command: Any) -> Any:
                          show_default=True, help="Tries before a decision stays failed."),
             click.option("--backoff", type=click.FloatRange(0), default=30.0,
                          show_default=True,
-                         help="Seconds before the first retry; doubled at each one.")),):
+                         help="Seconds before the first retry; doubled at each one."),
+            click.option("--max-age", default="7d", show_default=True,
+                         callback=_duration_option, metavar="DURATION",
+                         help="A decision older than this when delivery reaches it "
+                              "expires, never sent (an action's max_age in the rules "
+                              "wins).")),):
         command = option(command)
     return command
 
@@ -832,47 +849,53 @@ def delivery_options(command: Any) -> Any:
 @click.option("--retry", "retry_ids", multiple=True, metavar="ID",
               help="Deliver this decision now (a failed one after a fix); repeatable.")
 @click.option("--limit", type=click.IntRange(1), help="Deliver at most N decisions.")
+@click.option("--now", metavar="T", help="Measure the age of decisions (--max-age) at T "
+                                         "instead of the clock: what a run on that day "
+                                         "would send.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
-            routes: tuple[str, ...], max_attempts: int, backoff: float,
-            retry_ids: tuple[str, ...], limit: int | None, as_json: bool) -> None:
+            routes: tuple[str, ...], max_attempts: int, backoff: float, max_age: float,
+            retry_ids: tuple[str, ...], limit: int | None, now: str | None,
+            as_json: bool) -> None:
     """Hand pending decisions to the sinks their actions name (via), at least once,
-    the decision id as idempotency key; retry failed ones after their backoff.
+    the decision id as idempotency key; retry failed ones after their backoff. A run
+    tries each decision at most once; one older than --max-age expires, never sent.
 
     Exit 0 when nothing failed, 2 when some deliveries failed (see
     `retention decisions --status failed`), 1 when a sink cannot work (a setting
     missing or refused: its decisions wait, the other sinks deliver)."""
     from .delivery import DeliveryReport
 
+    moment = _moment_option(now, "--now")
+    as_of = None if moment is None else parse_instant(moment).timestamp()
     with _open(db_path) as engine:
-        deliverer = _deliverer(engine, rules_path, settings, routes, max_attempts, backoff)
+        deliverer = _deliverer(engine, rules_path, settings, routes, max_attempts, backoff,
+                               max_age, as_of)
         try:
             if retry_ids:
                 report = DeliveryReport()
                 for did in retry_ids:
-                    one = deliverer.retry(did)
-                    report.sent += one.sent
-                    report.failed += one.failed
-                    report.gave_up += one.gave_up
-                    report.errors.extend(one.errors)
+                    _add_report(report, deliverer.retry(did))
             else:
                 report = deliverer.run(limit=limit)
         finally:
             deliverer.close()
     summary = {"sent": report.sent, "failed": report.failed, "gave_up": report.gave_up,
-               "waiting_for_a_sink": dict(report.waiting),
+               "expired": report.expired, "waiting_for_a_sink": dict(report.waiting),
                "unavailable": report.unavailable, "paused": report.paused,
                "errors": report.errors}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     else:
-        for error in report.errors[:20]:
-            click.echo(f"failed: {error}", err=True)
+        _echo_failures(report.failures)
         for reason in report.unavailable.values():
             click.echo(f"error: {reason}", err=True)
         line = f"sent {report.sent}, failed {report.failed}"
         if report.gave_up:
             line += f" ({report.gave_up} left for an operator: --retry ID)"
+        if report.expired:
+            line += (f", expired {report.expired} (older than their max_age: "
+                     "retention decisions --status expired)")
         click.echo(line)
         for reason in report.paused.values():
             click.echo(f"paused: {reason}")
@@ -886,6 +909,35 @@ def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
         sys.exit(1)
     if report.failed:
         sys.exit(2)
+
+
+#: kinds of delivery error `retention deliver` prints one line each for; the others
+#: are counted in one more line
+SHOWN_FAILURES = 10
+
+
+def _echo_failures(failures: dict[str, list[Any]]) -> None:
+    """One line on standard error per kind of failure, most frequent first: a sink
+    that is down fails every decision the same way, and says so once."""
+    kinds = sorted(failures.items(), key=lambda item: -item[1][0])
+    for message, (count, first) in kinds[:SHOWN_FAILURES]:
+        which = f"decision {first}" if count == 1 else f"{count} decisions, first {first}"
+        click.echo(f"failed: {message} ({which})", err=True)
+    rest = kinds[SHOWN_FAILURES:]
+    if rest:
+        click.echo(f"failed: {sum(n for _, (n, _) in rest)} more decisions, "
+                   f"{len(rest)} other kinds of error: retention decisions --status failed",
+                   err=True)
+
+
+def _add_report(total: Any, one: Any) -> None:
+    total.sent += one.sent
+    total.failed += one.failed
+    total.gave_up += one.gave_up
+    total.expired += one.expired
+    total.errors.extend(one.errors)
+    for message, (count, first) in one.failures.items():
+        total.failures.setdefault(message, [0, first])[0] += count
 
 
 @cli.command()
@@ -920,7 +972,7 @@ def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | No
           secret: str | None, max_body: int, deliver_every: float, header_timeout: float,
           body_timeout: float, keep_alive: float, max_header: int, quiet: bool,
           settings: tuple[str, ...], routes: tuple[str, ...], max_attempts: int,
-          backoff: float) -> None:
+          backoff: float, max_age: float) -> None:
     """Serve the webhook API (POST /events, POST /hooks/{source}, GET /customers/{id},
     GET /health) and deliver decisions in the background.
 
@@ -938,7 +990,7 @@ def serve(db_path: Path, rules_path: Path, host: str, port: int, token: str | No
     config = ServerConfig(db=db_path, token=token, settings=Settings(values),
                           max_body=max_body, deliver_every=deliver_every,
                           routes=_pairs(routes, "--route"), templates=_templates(rules_path),
-                          max_attempts=max_attempts, backoff=backoff,
+                          max_attempts=max_attempts, backoff=backoff, max_age=max_age,
                           body_timeout=body_timeout)
     if not values.get("standard.secret"):
         click.echo("warning: no --secret: POST /events accepts unsigned events", err=True)

@@ -6,7 +6,15 @@ A process that dies mid-delivery leaves the decision ``sending``; once the lease
 runs out, the next delivery run claims it again. So every decision is delivered at
 least once, and its id travels with it as the idempotency key a host deduplicates
 on. A failed decision is tried again after an exponential backoff, up to
-``max_attempts`` tries; then it stays ``failed`` until an operator retries it.
+``max_attempts`` tries; then it stays ``failed`` until an operator retries it. A run
+tries each decision at most once.
+
+A decision is delivered only while it is fresh: one older than its action's
+``max_age`` (the run's default when the rule file gives none) when a run reaches it
+becomes ``expired``, with the reason, and is never sent, so a backfill of history
+never reaches customers. Its age is the run's clock minus the decision's time (event
+time). A decision already handed to a sink by a process that died is not expired:
+it may have gone out, and it is delivered again, at least once.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -38,6 +47,8 @@ MAX_BACKOFF = 3600.0
 LEASE = 300.0
 #: failures in a row after which a run stops trying a sink (it is probably down)
 BREAKER = 5
+#: seconds after which an undelivered decision expires, unless its action says
+MAX_AGE = 7 * 86400.0
 
 
 class DeliveryError(RetentionError):
@@ -141,10 +152,16 @@ class Delivery:
         return None
 
 
-#: SQL: a decision due for delivery at the instant given twice: pending, failed with its
-#: backoff passed, or left sending by a process whose lease ran out
+#: SQL: a decision due for delivery in a run that began at the first instant given, now
+#: the second: pending, failed with its backoff over when the run began (a failure in
+#: this run is due after its start, whatever the backoff: a run tries a decision once),
+#: or left sending by a process whose lease ran out
 _DUE = ("customer IS NOT NULL AND (status = 'pending' OR (status = 'failed' AND"
         " next_try <= ?) OR (status = 'sending' AND lease_until <= ?))")
+#: SQL: a due decision that may expire: not applied in a purchase, and not one a dead
+#: process may have handed to its sink already
+_MAY_EXPIRE = ("via IS NOT NULL AND kind != 'in_purchase' AND customer IS NOT NULL AND"
+               " (status = 'pending' OR (status = 'failed' AND next_try <= ?))")
 
 
 @attrs.frozen
@@ -166,6 +183,8 @@ class DeliveryReport:
     failed: int = 0
     #: failed decisions that reached the limit and wait for an operator
     gave_up: int = 0
+    #: decisions older than their max_age: never sent
+    expired: int = 0
     #: pending decisions whose sink no loaded plugin provides: via -> count
     waiting: Counter[str] = attrs.Factory(Counter)
     #: sinks that could not work in this run (a setting missing or refused): name ->
@@ -173,7 +192,11 @@ class DeliveryReport:
     unavailable: dict[str, str] = attrs.Factory(dict)
     #: sinks set aside for the rest of the run after failures in a row: name -> why
     paused: dict[str, str] = attrs.Factory(dict)
+    #: the first failures, as ``decision id: error`` (at most 100)
     errors: list[str] = attrs.Factory(list)
+    #: every failure by kind: the error with the customer's identifiers masked ->
+    #: [how many decisions, the first one's id]
+    failures: dict[str, list[Any]] = attrs.Factory(dict)
 
 
 def backoff(attempts: int, base: float = BACKOFF, cap: float = MAX_BACKOFF) -> float:
@@ -187,12 +210,16 @@ class Deliverer:
     ``sinks`` maps a sink name to its factory (``plugins.sinks()``); a factory is
     called with ``settings`` the first time a decision needs it. ``routes`` sends
     the decisions of one ``via`` to another sink (``{"crm_task": "log"}``).
+    ``max_age`` (seconds) is the age past which a decision expires when its action
+    gives none; ages are measured at ``as_of`` when given (seconds: a rehearsal of a
+    run on another day), else on ``clock``, which also times backoffs and leases.
     """
 
     def __init__(self, store: Any, sinks: Mapping[str, Callable[[Settings], Any]], *,
                  settings: Settings | None = None, routes: Mapping[str, str] | None = None,
                  templates: Path | None = None, max_attempts: int = MAX_ATTEMPTS,
                  base_backoff: float = BACKOFF, lease: float = LEASE,
+                 max_age: float = MAX_AGE, as_of: float | None = None,
                  clock: Callable[[], float] = time.time):
         self.store = store
         self.factories = dict(sinks)
@@ -206,12 +233,16 @@ class Deliverer:
         self.max_attempts = max(1, max_attempts)
         self.base_backoff = base_backoff
         self.lease = lease
+        if not max_age > 0:
+            raise SettingError("max_age must be longer than zero")
+        self.max_age = max_age
+        self.as_of = as_of
         self.clock = clock
         self._sinks: dict[str, Any] = {}
         #: per run: sinks not to try again (name -> why), failures in a row per sink
         self._down: dict[str, str] = {}
         self._strikes: Counter[str] = Counter()
-        self._run_start = -math.inf
+        self._run_start = self.clock()
 
     # -- which sinks -------------------------------------------------------------------
 
@@ -228,10 +259,9 @@ class Deliverer:
     def _prepare(self, report: DeliveryReport) -> None:
         """Set up the sinks the due decisions need, before any is claimed: a sink
         missing a setting is left out of the run, and its decisions wait as they are."""
-        now = self.clock()
         for (via,) in self.store.db.conn.execute(
                 f"SELECT DISTINCT via FROM decisions WHERE via IS NOT NULL AND {_DUE}",
-                [now, now]).fetchall():
+                [self._run_start, self._run_start]).fetchall():
             name = self.sink_name(via)
             if name is not None and name not in self._down:
                 try:
@@ -262,10 +292,12 @@ class Deliverer:
         self._run_start = self.clock()
         self._down.clear()
         self._strikes.clear()
+        self._expire_stale(report)
         self._prepare(report)
         done = 0
         while limit is None or done < limit:
-            claimed = self._claim(chunk if limit is None else min(chunk, limit - done))
+            claimed = self._claim(chunk if limit is None else min(chunk, limit - done),
+                                  report)
             if not claimed:
                 break
             self._deliver_all(claimed, report)
@@ -305,7 +337,7 @@ class Deliverer:
         report = DeliveryReport()
         self._run_start = self.clock()
         self._down.clear()
-        self._deliver_all(self._claim(1, only=decision_id), report)
+        self._deliver_all(self._claim(1, report, only=decision_id), report)
         if report.unavailable:
             raise SettingError(next(iter(report.unavailable.values())))
         return report
@@ -327,32 +359,90 @@ class Deliverer:
                     self._release(rest)
                 raise
 
-    def _claim(self, n: int, only: str | None = None) -> list[_Claim]:
+    def _claim(self, n: int, report: DeliveryReport | None = None,
+               only: str | None = None) -> list[_Claim]:
         """Up to ``n`` due decisions, marked ``sending`` in one transaction: each with
-        the number of this try and the status it had."""
-        now = self.clock()
+        the number of this try and the status it had. A due decision that has grown
+        too old since the run began expires instead (counted in ``report``)."""
+        report = report or DeliveryReport()
         vias = self._deliverable()
         if not vias:
             return []
         marks = ",".join("?" * len(vias))
         where = f"via IN ({marks}) AND {_DUE}"
-        args: list[Any] = [*vias, now, now]
         if only is not None:
             where += " AND id = ?"
-            args.append(only)
         conn = self.store.db.conn
         with self.store._writing():
-            rows = conn.execute(
-                "SELECT id, customer, rule, action, params, at, kind, via, trigger, status,"
-                f" reason, attempts FROM decisions WHERE {where} ORDER BY ts, id LIMIT ?",
-                [*args, n]).fetchall()
+            while True:
+                now = self.clock()
+                rows = conn.execute(
+                    "SELECT id, customer, rule, action, params, at, kind, via, trigger,"
+                    f" status, reason, attempts, ts FROM decisions WHERE {where}"
+                    " ORDER BY ts, id LIMIT ?",
+                    [*vias, self._run_start, now, *([only] if only else []), n]).fetchall()
+                fresh = [row for row in rows if not self._expire_one(row, report)]
+                if fresh or not rows:
+                    break
             conn.executemany(
                 "UPDATE decisions SET status = 'sending', lease_until = ?,"
                 " attempts = attempts + 1 WHERE id = ?",
-                [(now + self.lease, row[0]) for row in rows])
+                [(now + self.lease, row[0]) for row in fresh])
         return [_Claim(decision=attrs.evolve(decision_of(row[:11]), status="sending"),
                        attempt=row[11] + 1, prior=row[9], lease_until=now + self.lease)
-                for row in rows]
+                for row in fresh]
+
+    # -- freshness ---------------------------------------------------------------------
+
+    def _freshness_clock(self) -> float:
+        return self.clock() if self.as_of is None else self.as_of
+
+    def max_age_of(self, action: str) -> float:
+        """Seconds after which a decision of ``action`` expires: its own ``max_age``,
+        else the run's default (an action the rules no longer declare has the default)."""
+        declared = self.store.rules.actions.get(action)
+        if declared is not None and declared.max_age is not None:
+            return declared.max_age
+        return self.max_age
+
+    def _expire_stale(self, report: DeliveryReport) -> None:
+        """Expire, in one transaction, every due decision older than its max_age, one
+        statement per max_age: a backfill's thousands of old decisions never reach the
+        claiming loop."""
+        now = self._freshness_clock()
+        own = {name: a.max_age for name, a in self.store.rules.actions.items()
+               if a.max_age is not None}
+        groups: dict[float, list[str]] = {}
+        for name, age in own.items():
+            groups.setdefault(age, []).append(name)
+        conn = self.store.db.conn
+        with self.store._writing():
+            for age, names in groups.items():
+                marks = ",".join("?" * len(names))
+                report.expired += conn.execute(
+                    f"UPDATE decisions SET {_EXPIRED} WHERE {_MAY_EXPIRE} AND ts < ?"
+                    f" AND action IN ({marks})",
+                    [_expiry_reason(age, now), self._run_start, now - age, *names]).rowcount
+            marks = ",".join("?" * len(own)) or "NULL"
+            report.expired += conn.execute(
+                f"UPDATE decisions SET {_EXPIRED} WHERE {_MAY_EXPIRE} AND ts < ?"
+                f" AND action NOT IN ({marks})",
+                [_expiry_reason(self.max_age, now), self._run_start, now - self.max_age,
+                 *own]).rowcount
+
+    def _expire_one(self, row: tuple[Any, ...], report: DeliveryReport) -> bool:
+        """Expire the claimed row if it is older than its max_age (in the claiming
+        transaction); say whether it was."""
+        did, action, kind, status, ts = row[0], row[3], row[6], row[9], row[12]
+        if kind == "in_purchase" or status == "sending":
+            return False
+        now, age = self._freshness_clock(), self.max_age_of(action)
+        if ts >= now - age:
+            return False
+        self.store.db.conn.execute(f"UPDATE decisions SET {_EXPIRED} WHERE id = ?",
+                                   [_expiry_reason(age, now), did])
+        report.expired += 1
+        return True
 
     def _deliver_one(self, claim: _Claim, report: DeliveryReport) -> None:
         decision, attempt = claim.decision, claim.attempt
@@ -381,7 +471,7 @@ class Deliverer:
             message = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             message = " ".join(message.split())[:500] or type(exc).__name__
-            self._failed(claim, message, permanent, report)
+            self._failed(claim, message, permanent, report, delivery.identifiers)
             if name is not None and not permanent:
                 self._strikes[name] += 1
                 if self._strikes[name] >= BREAKER:  # probably down: the rest wait
@@ -411,12 +501,12 @@ class Deliverer:
                      ["pending" if claim.prior == "sending" else claim.prior])
 
     def _failed(self, claim: _Claim, message: str, permanent: bool,
-                report: DeliveryReport) -> None:
+                report: DeliveryReport, identifiers: tuple[str, ...] = ()) -> None:
         did, attempt = claim.decision.id, claim.attempt
         final = permanent or attempt >= self.max_attempts
         next_try = None if final else self.clock() + backoff(attempt, self.base_backoff)
         if next_try is not None and next_try <= self._run_start:
-            # (a zero backoff under a clock that stands still) a run tries a decision once
+            # (a zero backoff under a clock that stands still) due after this run began
             next_try = math.nextafter(self._run_start, math.inf)
         self._settle(claim, "status = 'failed', reason = ?, next_try = ?", [message, next_try])
         report.failed += 1
@@ -424,6 +514,9 @@ class Deliverer:
             report.gave_up += 1
         if len(report.errors) < 100:
             report.errors.append(f"{did}: {message}")
+        kind = report.failures.setdefault(
+            error_kind(message, claim.decision.customer, identifiers), [0, did])
+        kind[0] += 1
 
     def _waiting(self) -> Counter[str]:
         """Pending decisions no loaded sink delivers, by ``via``."""
@@ -434,6 +527,35 @@ class Deliverer:
             " AND customer IS NOT NULL"
             f" AND via NOT IN ({marks}) GROUP BY via", vias)
         return Counter(dict(rows.fetchall()))
+
+
+#: SQL: the assignments that expire a decision, the reason given
+_EXPIRED = "status = 'expired', reason = ?, next_try = NULL, lease_until = NULL"
+
+
+def _expiry_reason(max_age: float, now: float) -> str:
+    return (f"older than its max_age of {duration_text(max_age)} when delivery reached it "
+            f"at {from_seconds(now).isoformat(timespec='seconds')}: not sent")
+
+
+def duration_text(seconds: float) -> str:
+    """``604800`` as ``7d``: a duration as a rule file writes it."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def error_kind(message: str, customer: str, identifiers: Iterable[str] = ()) -> str:
+    """A sink's error with the customer's id and identifiers masked, so that the same
+    failure for many customers ("no email address for customer c-1") reads as one
+    kind of error. (A value of digits alone is left: it could be a status code.)"""
+    values = {customer, *(name.partition(":")[2] for name in identifiers)}
+    for value in sorted((v for v in values if len(v) >= 2 and not v.isdigit()), key=len,
+                        reverse=True):
+        message = re.sub(rf"(?<![\w.@-]){re.escape(value)}(?![\w.@-])", "<customer>",
+                         message)
+    return message
 
 
 def decision_payload(decision: Decision) -> bytes:

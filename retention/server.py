@@ -63,6 +63,8 @@ class ServerConfig:
     templates: Path | None = None
     max_attempts: int = 8
     backoff: float = 30.0
+    #: seconds after which an undelivered decision expires, unless its action says
+    max_age: float = 7 * 86400.0
     #: most events committed in one transaction
     max_group: int = 2000
     #: seconds a request's whole body may take to arrive (408 after)
@@ -226,12 +228,11 @@ class RetentionService:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         warned = ""
+        unavailable_said: dict[str, str] = {}
         while True:
             try:
                 report = await loop.run_in_executor(self._sender, self._deliver_once)
-                if report.errors:
-                    logger.warning("delivery: %d failed; first: %s", report.failed,
-                                   report.errors[0])
+                _log_delivery(report, unavailable_said)
                 warned = ""
             except (SettingError, RetentionError) as exc:
                 if str(exc) != warned:  # said once, not at every run
@@ -250,7 +251,7 @@ class RetentionService:
             self._deliverer = Deliverer(
                 StoredEngine(c.db, None), plugins.sinks(), settings=c.settings,
                 routes=c.routes, templates=c.templates, max_attempts=c.max_attempts,
-                base_backoff=c.backoff, clock=c.clock)
+                base_backoff=c.backoff, max_age=c.max_age, clock=c.clock)
         return self._deliverer.run()
 
     # -- HTTP --------------------------------------------------------------------------
@@ -502,6 +503,27 @@ def _answer(results: list[tuple[str, Any]]) -> JSONResponse:
     if errors:
         body["errors"] = errors
     return JSONResponse(body, status_code=422 if errors else 200)
+
+
+def _log_delivery(report: Any, unavailable_said: dict[str, str]) -> None:
+    """Log what a delivery run met: each kind of failure and each sink set aside (the
+    tries were spent in this run), and a sink that cannot work (a setting missing or
+    refused) when that begins or its reason changes, not at every run while it lasts:
+    ``unavailable_said`` remembers what was said."""
+    for message, (count, first) in report.failures.items():
+        logger.warning("delivery: %d failed: %s (first: %s)", count, message, first)
+    for reason in report.paused.values():
+        logger.warning("delivery: paused: %s", reason)
+    if report.expired:
+        logger.warning("delivery: %d expired, not sent: older than their max_age",
+                       report.expired)
+    for name, reason in report.unavailable.items():
+        if unavailable_said.get(name) != reason:
+            logger.warning("delivery: a sink cannot work: %s; its decisions wait", reason)
+    for name in set(unavailable_said) - set(report.unavailable):
+        logger.info("delivery: sink %s works again", name)
+    unavailable_said.clear()
+    unavailable_said.update(report.unavailable)
 
 
 def _close_deliverer(deliverer: Deliverer) -> None:

@@ -166,6 +166,180 @@ def test_another_spelling_of_the_signed_timestamp_is_the_same_message(signed, sp
 
 # 2. Email header injection through encoded words.
 
+_MAIL_RULES = """\
+capital: {initial: 70, min: 0, max: 100, opens_on: [purchase]}
+rules:
+  billing_error: {when: event.type == "billing_error", points: -10, then: [billing_apology]}
+actions:
+  billing_apology: {kind: service, via: email, template: billing}
+"""
+#: a template that puts the customer id in a header line, and the body it must keep
+_MAIL_TEMPLATE = "Subject: About the invoice of ${customer}\nX-Customer: ${customer}\n\n"
+_MAIL_BODY = "We are sorry about the billing error.\n"
+#: the headers of every message the sink writes with that template
+_MAIL_HEADERS = {"subject", "x-customer", "from", "to", "date", "message-id",
+                 "x-retention-decision", "content-type", "content-transfer-encoding",
+                 "mime-version"}
+
+
+def _mail_shop(tmp_path, template=_MAIL_TEMPLATE + _MAIL_BODY):
+    folder = tmp_path / "rules"
+    (folder / "templates").mkdir(parents=True)
+    (folder / "shop.yaml").write_text(_MAIL_RULES, encoding="utf-8")
+    (folder / "templates" / "billing.txt").write_text(template, encoding="utf-8")
+    return folder
+
+
+def _deliver_billing_email(tmp_path, smtp, customer, email="ann@example.com", **template):
+    """`retention ingest` a billing error of ``customer`` (its address linked by an
+    identify event) and `retention deliver` its email to the SMTP server on loopback;
+    the result of deliver and the outbox rows (status, reason)."""
+    import json
+    import sqlite3
+    from contextlib import closing
+    from datetime import UTC, datetime, timedelta
+
+    from click.testing import CliRunner
+
+    from retention.cli import cli
+
+    rules, db = _mail_shop(tmp_path, **template), tmp_path / "shop.db"
+    yesterday = datetime.now(UTC) - timedelta(days=1)
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"type": "identify", "customer": customer, "aliases": [f"email:{email}"]},
+        {"id": "p1", "customer": customer, "type": "purchase", "amount": 30,
+         "at": yesterday.isoformat()},
+        {"id": "b1", "customer": customer, "type": "billing_error",
+         "at": (yesterday + timedelta(hours=1)).isoformat()})), encoding="utf-8")
+    runner = CliRunner()
+    ingest = runner.invoke(cli, ["ingest", "--db", str(db), "--rules", str(rules), str(events)])
+    assert ingest.exit_code == 0, ingest.output
+    result = runner.invoke(cli, [
+        "deliver", "--db", str(db), "--rules", str(rules),
+        "--set", "email.host=127.0.0.1", "--set", f"email.port={smtp.port}",
+        "--set", "email.from=Shop <care@shop.example>"])
+    with closing(sqlite3.connect(db)) as conn:
+        return result, conn.execute("SELECT status, reason FROM decisions").fetchall()
+
+
+@pytest.fixture
+def smtp():
+    from .servers import SmtpServer
+
+    server = SmtpServer().start()
+    yield server
+    server.stop()
+
+
+def _q(text):
+    from email import quoprimime
+    return quoprimime.header_encode(text.encode(), "utf-8")
+
+
+def _b(text):
+    import base64
+    return "=?utf-8?b?" + base64.b64encode(text.encode()).decode() + "?="
+
+
+_INJECTED = "Ann\r\nReply-To: phish@evil.example\r\nBcc: eve@evil.example\r\n\r\nClick here"
+#: customer ids that a reader would decode into header lines and a body, if they
+#: reached a header line as they are
+ENCODED_WORDS = {
+    "quoted-printable, as in the finding":
+        "=?utf-8?q?Ann=0D=0AReply-To:_phish@evil.example=0D=0A=0D=0AClick_here?=",
+    "quoted-printable": _q(_INJECTED),
+    "base64": _b(_INJECTED),
+    "split over encoded words and folding white space": (
+        _q("Ann") + " " + _q("\r\n Reply-To: phish@evil.example") + " " + _b("\r\n\r\nhi")),
+    "another charset, a name with an accent": (
+        "Zoë =?iso-8859-1?q?=0D=0AReply-To:_phish@evil.example?="),
+    "long enough to be folded": "customer " * 6 + _b(_INJECTED) + " end",
+}
+
+
+@pytest.mark.parametrize("customer", list(ENCODED_WORDS.values()), ids=list(ENCODED_WORDS))
+def test_an_encoded_word_in_a_value_stays_text_in_its_header(tmp_path, smtp, customer):
+    result, outbox = _deliver_billing_email(tmp_path, smtp, customer)
+    assert result.exit_code == 0, result.output
+    assert outbox == [("sent", None)]
+    [mail] = smtp.mailbox.received
+    assert mail.rcpt_tos == ["ann@example.com"]
+    message = mail.message  # parsed by the email library from what the server received
+    assert {name.lower() for name in message} == _MAIL_HEADERS
+    assert message["Reply-To"] is None and message["Bcc"] is None
+    assert message["Subject"] == f"About the invoice of {customer}"
+    assert message["X-Customer"] == customer
+    assert message.get_content().replace("\r\n", "\n") == _MAIL_BODY
+    assert not message.defects
+
+
+@pytest.mark.parametrize("separator", ["\r\n", "\n", "\r", "\u2028", "\u2029", "\x85", "\x0b",
+                                       "\x0c", "\x1c"])
+def test_a_line_break_of_any_kind_in_a_header_value_is_refused(tmp_path, smtp, separator):
+    # every line boundary str.splitlines knows: a reader splitting on one must not find
+    # a header line (the sink is called directly: ingest may refuse such ids already)
+    from datetime import UTC, datetime
+
+    from retention.delivery import Delivery, DeliveryError, Settings
+    from retention.models import Decision
+    from retention.plugins.email import EmailSink
+    from retention.rules.model import Action
+
+    rules = _mail_shop(tmp_path)
+    sink = EmailSink(Settings({"email.host": "127.0.0.1", "email.port": str(smtp.port),
+                               "email.from": "care@shop.example"}, environ={}))
+    customer = f"Ann{separator}Reply-To: phish@evil.example"
+    decision = Decision(id="d1", customer=customer, rule="billing_error",
+                        action="billing_apology", params={}, at=datetime.now(UTC),
+                        kind="service", via="email", trigger="b1")
+    action = Action(name="billing_apology", kind="service", via="email",
+                    params={"template": "billing"})
+    try:
+        with pytest.raises(DeliveryError, match="a value has a line break") as refused:
+            sink.deliver(Delivery(decision=decision, action=action,
+                                  identifiers=("email:ann@example.com",),
+                                  templates=rules / "templates"))
+    finally:
+        sink.close()
+    assert refused.value.permanent
+    assert smtp.mailbox.received == []
+
+
+@pytest.mark.parametrize("email", [
+    "=?utf-8?q?ann=0D=0ABcc=3A_eve=40evil.example=0D=0A?=@example.com",
+    "ann@example.com, eve@evil.example",
+    "Ann <ann@example.com>",
+    "=?utf-8?q?Ann=0D=0ABcc:_eve@evil.example?= <ann@example.com>",
+])
+def test_an_address_from_an_event_is_one_plain_address_or_nothing_is_sent(
+        tmp_path, smtp, email):
+    # the recipient comes from an identify event: it goes to To and to the envelope
+    result, outbox = _deliver_billing_email(tmp_path, smtp, "ann", email=email)
+    assert result.exit_code == 2, result.output
+    assert outbox == [("failed", f"{email!r} is not one email address")]
+    assert smtp.mailbox.received == []
+
+
+def test_a_template_address_header_takes_only_plain_addresses(tmp_path, smtp):
+    template = ("Subject: Your invoice\nReply-To: Care Team <care@shop.example>, "
+                "Zoë <zoe@shop.example>\n\n" + _MAIL_BODY)
+    result, outbox = _deliver_billing_email(tmp_path / "fixed", smtp, "ann", template=template)
+    assert result.exit_code == 0, result.output
+    [mail] = smtp.mailbox.received
+    assert [(a.display_name, a.addr_spec) for a in mail.message["Reply-To"].addresses] == [
+        ("Care Team", "care@shop.example"), ("Zoë", "zoe@shop.example")]
+    # a value there that is not plain addresses (an encoded word with a colon, which an
+    # address parser takes for a group and half drops) is refused, not rewritten
+    sneaky = "=?utf-8?q?Ann=0D=0AX-Evil:_1?= <ann@example.com>"
+    result, outbox = _deliver_billing_email(
+        tmp_path / "filled", smtp, sneaky,
+        template="Subject: Your invoice\nReply-To: ${customer}\n\n" + _MAIL_BODY)
+    assert result.exit_code == 2, result.output
+    [(status, reason)] = outbox
+    assert status == "failed" and reason.endswith(
+        f"Reply-To: {sneaky!r} is not a list of plain email addresses"), reason
+    assert len(smtp.mailbox.received) == 1
 
 
 # 3. Times at the edge of the calendar.
@@ -322,3 +496,49 @@ def test_headers_over_max_header_are_431_and_closed(impatient):
 
 
 # 12. deliver --backoff 0 tries each decision once per run.
+
+def test_deliver_with_no_backoff_tries_a_failing_decision_once_per_run(tmp_path):
+    import json
+    import sqlite3
+    from contextlib import closing
+    from datetime import UTC, datetime, timedelta
+
+    from click.testing import CliRunner
+
+    from retention.cli import cli
+
+    from .servers import HttpReceiver
+
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("capital: {initial: 70, opens_on: [purchase]}\n"
+                     "rules:\n  complaint: {when: event.type == \"complaint\", points: -5,"
+                     " then: [notify_team]}\n"
+                     "actions:\n  notify_team: {kind: service, via: webhook}\n",
+                     encoding="utf-8")
+    db, events = tmp_path / "shop.db", tmp_path / "events.jsonl"
+    at = datetime.now(UTC) - timedelta(hours=2)
+    events.write_text("".join(json.dumps(e) + "\n" for e in (
+        {"id": "p1", "customer": "c-1", "type": "purchase", "at": at.isoformat()},
+        {"id": "c1", "customer": "c-1", "type": "complaint",
+         "at": (at + timedelta(minutes=5)).isoformat()})), encoding="utf-8")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["ingest", "--db", str(db), "--rules", str(rules),
+                               str(events)]).exit_code == 0
+    receiver = HttpReceiver().start()
+    try:
+        receiver.status = 500
+        deliver = ["deliver", "--db", str(db), "--rules", str(rules), "--backoff", "0",
+                   "--set", f"webhook.url={receiver.url}", "--set", "webhook.secret=s3cret"]
+        first = runner.invoke(cli, deliver)
+        assert first.exit_code == 2, first.output
+        assert first.stdout.splitlines()[0] == "sent 0, failed 1"
+        assert len(receiver.hits) == 1  # tried once, not until the breaker trips
+        with closing(sqlite3.connect(db)) as conn:
+            assert conn.execute("SELECT status, attempts FROM decisions").fetchall() == [
+                ("failed", 1)]
+        receiver.status = 200
+        second = runner.invoke(cli, deliver)  # the next run tries it again
+        assert second.exit_code == 0, second.output
+        assert len(receiver.hits) == 2
+    finally:
+        receiver.stop()

@@ -19,6 +19,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import closing
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
@@ -37,6 +38,7 @@ from .servers import (
     server_tls_context,
 )
 
+RETENTION = os.path.join(os.path.dirname(sys.executable), "retention")
 SENDER = "Shop <news@shop.example>"
 UNSUBSCRIBE = "https://shop.example/u/${customer}"
 SECRET = "whsec_" + base64.b64encode(b"a webhook key of 32 bytes, fixed").decode()
@@ -128,11 +130,19 @@ class Clock:
         self.now += seconds
 
 
+#: the events' day: a few days ago, so that their decisions are fresh (max_age 7d)
+DAY = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=5)
+
+
+def moment(n):
+    """The time of event number ``n``: one hour after event n-1."""
+    return (DAY + timedelta(hours=10 + n)).isoformat().replace("+00:00", "Z")
+
+
 def event(n, customer, kind, **props):
-    """Event number ``n`` (one hour after event n-1) as a JSON line."""
-    hours = 10 + n
-    at = f"2026-03-{1 + hours // 24:02d}T{hours % 24:02d}:00:00Z"
-    return json.dumps({"id": f"e{n}", "customer": customer, "type": kind, "at": at, **props})
+    """Event number ``n`` as a JSON line."""
+    return json.dumps({"id": f"e{n}", "customer": customer, "type": kind, "at": moment(n),
+                       **props})
 
 
 def identify(customer, *aliases):
@@ -652,7 +662,7 @@ def test_max_attempts_on_the_command_line_leaves_a_failure_for_an_operator(
     assert result.exit_code == 2, result.output
     assert one_line(result.stdout) == "sent 0, failed 1 (1 left for an operator: --retry ID)"
     assert one_line(result.stderr) == \
-        f"failed: {did}: {receiver.url} answered 503 Service Unavailable"
+        f"failed: {receiver.url} answered 503 Service Unavailable (decision {did})"
     listed = invoke("decisions", "--db", db, "--status", "failed")
     assert listed.exit_code == 0 and "notify_team" in listed.stdout
     assert "answered 503" in listed.stdout
@@ -1006,7 +1016,7 @@ def test_a_late_unsubscribe_holds_back_a_failed_marketing_email(shop, rules, smt
     assert statuses(db) == {"failed": 1}
     # an unsubscribe dated before the review arrives late: the thanks must not go
     late = json.dumps({"id": "u1", "customer": "ann@example.com", "type": "unsubscribe",
-                       "at": "2026-03-01T11:30:00Z"})
+                       "at": moment(1).replace(":00:00Z", ":30:00Z")})
     assert invoke("ingest", "--db", db, "-", input=late + "\n").exit_code == 0
     assert query(db, "SELECT status, reason FROM decisions") == [("suppressed", "consent")]
     smtp.start()
@@ -1023,3 +1033,317 @@ def test_a_login_without_starttls_is_refused_before_any_password_is_sent(shop, r
     assert one_line(result.stderr).startswith(
         "error: email: a login without STARTTLS would send the password in clear")
     assert smtp.mailbox.received == [] and statuses(db) == {"pending": 1}
+
+
+# -- 8. freshness: old decisions expire, never sent -------------------------------------------
+
+def days_ago(days, hour=0):
+    """An instant ``days`` days (and ``hour`` hours) before now, as event time."""
+    moment = datetime.now(UTC) - timedelta(days=days) + timedelta(hours=hour)
+    return moment.isoformat(timespec="seconds")
+
+
+def dated_events(customers_days, kind=("complaint", {})):
+    """For each (customer, days ago): a purchase, then one event of ``kind`` an hour on."""
+    lines, n = [], 0
+    for cid, days in customers_days:
+        for what, props, hour in (("purchase", {"amount": 30}, 0), (*kind, 1)):
+            n += 1
+            lines.append(event(n, cid, what, at=days_ago(days, hour), **props))
+    return lines
+
+
+def test_a_backfill_delivers_only_the_decisions_younger_than_their_max_age(
+        shop, rules, tmp_path):
+    db = shop(dated_events([("old", 40), ("recent", 2)]))
+    log = tmp_path / "deliveries.jsonl"
+    args = ["deliver", "--db", db, "--rules", rules, "--set", f"log.path={log}",
+            "--route", "crm_task=log", "--route", "crm_tag=log"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert one_line(result.stdout) == (
+        "sent 2, failed 0, expired 2 (older than their max_age: "
+        "retention decisions --status expired)")
+    sent = [json.loads(line)["data"] for line in log.read_text().splitlines()]
+    assert {(d["customer"], d["action"]) for d in sent} == {
+        ("recent", "call_customer"), ("recent", "flag_in_crm")}
+    rows = query(db, "SELECT customer, status, reason, attempts FROM decisions ORDER BY ts")
+    assert [(c, s, a) for c, s, _, a in rows] == [
+        ("old", "expired", 0), ("old", "expired", 0), ("recent", "sent", 1),
+        ("recent", "sent", 1)]
+    assert rows[0][2].startswith("older than its max_age of 7d when delivery reached it at ")
+    assert rows[0][2].endswith(": not sent")
+
+    listed = invoke("decisions", "--db", db, "--status", "expired", "--json")
+    assert listed.exit_code == 0, listed.output
+    assert {(d["customer"], d["status"]) for d in json.loads(listed.stdout)} == {
+        ("old", "expired")}
+    report = json.loads(invoke("stats", "--db", db, "--json").stdout)
+    assert {(d["action"], d["status"]): d["count"] for d in report["decisions"]} == {
+        ("call_customer", "expired"): 1, ("call_customer", "sent"): 1,
+        ("flag_in_crm", "expired"): 1, ("flag_in_crm", "sent"): 1}
+    again = invoke(*args, "--json")  # expired for good: the next run sends nothing
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["sent"] == json.loads(again.stdout)["expired"] == 0
+    assert len(log.read_text().splitlines()) == 2
+
+
+def test_an_actions_max_age_in_the_rules_wins_over_the_default(shop, rules, tmp_path):
+    text = (rules / "shop.yaml").read_text()
+    (rules / "shop.yaml").write_text(text.replace(
+        "call_customer:     {kind: service, via: crm_task}",
+        "call_customer:     {kind: service, via: crm_task, max_age: 3d}"))
+    db = shop(dated_events([("c-1", 2)]))  # two days old
+    args = ["deliver", "--db", db, "--rules", rules, "--set", f"log.path={tmp_path / 'l'}",
+            "--route", "crm_task=log", "--route", "crm_tag=log", "--json"]
+    result = invoke(*args, "--max-age", "1d")
+    assert result.exit_code == 0, result.output
+    assert (json.loads(result.stdout)["sent"], json.loads(result.stdout)["expired"]) == (1, 1)
+    assert dict(query(db, "SELECT action, status FROM decisions")) == {
+        "call_customer": "sent", "flag_in_crm": "expired"}
+    [(reason,)] = query(db, "SELECT reason FROM decisions WHERE status = 'expired'")
+    assert reason.startswith("older than its max_age of 1d ")
+
+
+def test_in_purchase_decisions_never_expire(shop, rules, tmp_path):
+    (rules / "shop.yaml").write_text(RULES.replace("\nactions:\n", (
+        "\nrecognition:\n  welcome: {every: 1, when: event.type == \"purchase\","
+        " then: [discount_now, {receipt_note: {text: thanks}}]}\n"
+        "actions:\n  discount_now: {kind: in_purchase}\n"
+        "  receipt_note: {kind: in_purchase, via: receipts}\n")))
+    db = shop(dated_events([("c-1", 90)]))
+    result = invoke("deliver", "--db", db, "--rules", rules, "--route", "receipts=log",
+                    "--set", f"log.path={tmp_path / 'receipts.jsonl'}", "--json")
+    assert result.exit_code == 0, result.output
+    # answered in the purchase: the cart had it then; a sink that records it still does
+    assert dict(query(db, "SELECT action, status FROM decisions WHERE kind = 'in_purchase'")
+                ) == {"discount_now": "pending", "receipt_note": "sent"}
+
+
+def test_a_decision_that_grows_too_old_during_a_run_expires_when_the_run_reaches_it(
+        shop, rules):
+    db = shop(customer_events(["c-1", "c-2"], CANCEL))  # c-2's two hours after c-1's
+    [(first,)] = query(db, "SELECT ts FROM decisions WHERE customer = 'c-1'")
+    clock = Clock(first + 7 * 86400 - 1800)  # both younger than 7 days when the run begins
+    reached = []
+
+    class Slow:
+        """A sink that takes three hours to deliver (moving the clock)."""
+
+        def __init__(self, settings):
+            pass
+
+        def deliver(self, delivery):
+            reached.append(delivery.decision.customer)
+            clock.advance(3 * 3600)
+
+    with Engine.open(db) as engine:
+        d = deliverer(engine, rules, [], clock, sinks={"webhook": Slow})
+        report = d.run(chunk=1)
+    assert reached == ["c-1"]
+    assert (report.sent, report.expired) == (1, 1)
+    assert dict(query(db, "SELECT customer, status FROM decisions")) == {
+        "c-1": "sent", "c-2": "expired"}
+
+
+def test_an_operators_retry_of_a_failed_decision_past_its_max_age_expires_it(
+        shop, rules, receiver):
+    db = shop(customer_events(["c-1"], CANCEL))
+    [did] = outbox(db)
+    receiver.status = 500
+    clock = Clock()
+    with Engine.open(db) as engine:
+        d = deliverer(engine, rules, webhook_settings(receiver), clock, max_attempts=1)
+        try:
+            assert d.run().gave_up == 1
+            clock.advance(7 * 86400)
+            receiver.status = 200
+            report = d.retry(did)
+        finally:
+            d.close()
+    assert (report.sent, report.expired) == (0, 1)
+    assert len(receiver.hits) == 1
+    assert outbox(db)[did][0] == "expired"
+
+
+def test_max_age_in_a_rule_file_is_a_duration_with_errors_at_their_line(tmp_path):
+    rules = tmp_path / "shop.yaml"
+    rules.write_text(
+        "capital: {initial: 70}\n"
+        "rules:\n"
+        "  complaint: {when: event.type == \"complaint\", points: -5,"
+        " then: [call_customer, flag_in_crm, discount_now]}\n"
+        "actions:\n"
+        "  call_customer: {kind: service, via: crm_task, max_age: soon}\n"
+        "  flag_in_crm: {kind: service, via: crm_tag, max_age: 0d}\n"
+        "  discount_now: {kind: in_purchase, max_age: 2d}\n", encoding="utf-8")
+    result = invoke("check", rules)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"{rules}:5:58: max_age: expected a duration like 90d, 12h or 2w, got 'soon'",
+        f"{rules}:6:55: max_age must be longer than zero",
+        f"{rules}:7:46: an in_purchase action is answered in the purchase and never "
+        "expires: max_age does not apply",
+        "3 errors; nothing was loaded"]
+    rules.write_text(rules.read_text().replace("in_purchase, max_age: 2d", "in_purchase")
+                     .replace("soon", "2d").replace("0d", "36h"), encoding="utf-8")
+    assert invoke("check", rules).exit_code == 0
+    from retention.rules import load_rules
+    actions = load_rules(rules).actions
+    assert (actions["call_customer"].max_age, actions["flag_in_crm"].max_age,
+            actions["discount_now"].max_age) == (2 * 86400, 36 * 3600, None)
+
+
+def test_max_age_on_the_command_line_is_a_duration(shop, rules):
+    db = shop(customer_events(["c-1"], CANCEL))
+    for wrong in ("soon", "0d", "-1d"):
+        result = invoke("deliver", "--db", db, "--rules", rules, "--max-age", wrong)
+        assert result.exit_code == 2, result.output
+        assert "Invalid value for '--max-age'" in result.stderr
+    assert statuses(db) == {"pending": 1}
+
+
+# -- 9. the log sink on standard output, and errors said once per kind ------------------------
+
+def test_the_log_sink_without_a_path_writes_each_decision_to_standard_output(shop, rules):
+    db = shop(customer_events(["c-1", "c-2"], ("complaint", {})))
+    result = invoke("deliver", "--db", db, "--rules", rules, "--route", "crm_task=log",
+                    "--route", "crm_tag=log")
+    assert result.exit_code == 0, result.output
+    *lines, summary = result.stdout.splitlines()
+    assert summary == "sent 4, failed 0"
+    written = [json.loads(line) for line in lines]
+    assert [w["type"] for w in written] == ["retention.decision"] * 4
+    assert {w["data"]["id"] for w in written} == set(outbox(db))
+    assert statuses(db) == {"sent": 4}
+
+
+def test_deliver_says_each_kind_of_sink_error_once(shop, rules, smtp, receiver):
+    # two customers without an address, two webhooks answered 500: two kinds of error
+    db = shop([*customer_events(["nomail-1", "nomail-2"], ("billing_error", {})),
+               *customer_events(["c-1", "c-2"], CANCEL, start=10)])
+    receiver.status = 500
+    emails = sorted(did for did, *_ in query(db, "SELECT id FROM decisions WHERE via = 'email'"
+                                                 " ORDER BY ts, id"))
+    hooks = [did for (did,) in query(db, "SELECT id FROM decisions WHERE via = 'webhook'"
+                                         " ORDER BY ts, id")]
+    result = invoke("deliver", "--db", db, "--rules", rules, *sets(email_settings(smtp)),
+                    *sets(webhook_settings(receiver)))
+    assert result.exit_code == 2, result.output
+    assert sorted(result.stderr.splitlines()) == sorted([
+        f"failed: {receiver.url} answered 500 Internal Server Error "
+        f"(2 decisions, first {hooks[0]})",
+        "failed: no email address for customer <customer>: link one with an identify event "
+        f'("aliases": ["email:..."]) (2 decisions, first {min(emails, key=emails.index)})'])
+    assert one_line(result.stdout).startswith("sent 0, failed 4")
+    # each decision keeps its own reason
+    assert {r for (r,) in query(db, "SELECT reason FROM decisions WHERE via = 'email'")} == {
+        'no email address for customer nomail-1: link one with an identify event ("aliases":'
+        ' ["email:..."])',
+        'no email address for customer nomail-2: link one with an identify event ("aliases":'
+        ' ["email:..."])'}
+
+
+def test_deliver_prints_at_most_ten_kinds_of_error_and_counts_the_rest(shop, rules):
+    from retention.delivery import DeliveryError
+    from retention.hookspecs import hookimpl
+
+    class Picky:
+        def __init__(self, settings):
+            self.n = 0
+
+        def deliver(self, delivery):
+            self.n += 1
+            raise DeliveryError(f"refusal number {self.n}", permanent=True)
+
+    class Plugin:
+        @hookimpl
+        def register_sinks(self, register):
+            register("picky", Picky)
+
+    db = shop(customer_events([f"c-{n}" for n in range(12)], ("complaint", {})))
+    plugin = Plugin()
+    plugins.pm.register(plugin, name="picky")
+    try:
+        result = invoke("deliver", "--db", db, "--rules", rules, "--route", "crm_task=picky")
+    finally:
+        plugins.pm.unregister(plugin)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 11
+    assert all(line.startswith("failed: refusal number ") for line in lines[:10])
+    assert lines[10] == ("failed: 2 more decisions, 2 other kinds of error: "
+                         "retention decisions --status failed")
+
+
+def test_the_servers_delivery_loop_logs_what_keeps_decisions_from_going(
+        shop, rules, receiver, caplog):
+    import asyncio
+    import logging
+
+    from retention.server import ServerConfig, create_app
+
+    # email has no host: it cannot work; the webhook answers 500
+    db = shop([*customer_events(["ann@example.com"], REVIEW),
+               *customer_events(["c-1", "c-2"], CANCEL, start=5)])
+    receiver.status = 500
+    values = dict(s.split("=", 1) for s in webhook_settings(receiver))
+    service = create_app(ServerConfig(db=db, settings=Settings(values, environ={}),
+                                      deliver_every=0.01, templates=rules / "templates",
+                                      routes={"crm_task": "log", "crm_tag": "log"},
+                                      max_age=30 * 86400.0)).state.retention
+
+    def said(text):
+        return [r for r in caplog.records if text in r.getMessage()]
+
+    async def serve_a_while():
+        await service.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(receiver.hits) < 2 or not said("cannot work"):
+                assert time.monotonic() < deadline, caplog.text
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)  # some thirty runs more: nothing new to say
+        finally:
+            await service.stop()
+
+    with caplog.at_level(logging.WARNING, logger="retention.server"):
+        asyncio.run(serve_a_while())
+    [unavailable] = said("cannot work")
+    assert unavailable.getMessage() == (
+        "delivery: a sink cannot work: email: set RETENTION_EMAIL_HOST "
+        "(or --set email.host=...); its decisions wait")
+    [failed] = said("failed")
+    assert failed.levelname == "WARNING"
+    assert failed.getMessage().startswith(
+        f"delivery: 2 failed: {receiver.url} answered 500 Internal Server Error (first: ")
+    assert statuses(db, "email") == {"pending": 1}
+
+
+def test_retention_serve_passes_max_age_to_its_delivery_loop(shop, rules, tmp_path):
+    import socket
+
+    db = shop(dated_events([("old", 3), ("recent", 1)]))
+    log = tmp_path / "deliveries.jsonl"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RETENTION_")}
+    process = subprocess.Popen(
+        [str(RETENTION), "serve", "--db", str(db), "--rules", str(rules), "--port", str(port),
+         "--deliver-every", "0.05", "--max-age", "2d", "--route", "crm_task=log",
+         "--route", "crm_tag=log", "--set", f"log.path={log}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while statuses(db).get("pending"):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, f"still pending after 20 s: {statuses(db)}"
+            time.sleep(0.05)
+    finally:
+        process.terminate()
+        process.communicate(timeout=15)
+    assert set(query(db, "SELECT customer, status FROM decisions")) == {
+        ("old", "expired"), ("recent", "sent")}
+    assert {json.loads(line)["data"]["customer"] for line in log.read_text().splitlines()
+            } == {"recent"}

@@ -263,16 +263,19 @@ def test_installed_plugin_sink_delivers_and_its_command_runs(installed, tmp_path
     events = tmp_path / "events.jsonl"
     with EVENTS.open() as source:
         events.write_text("".join(line for _, line in zip(range(4000), source, strict=False)))
+    # the events are of 2025: every decision is delivered, none expires
+    rules = tmp_path / "retail.yaml"
+    rules.write_text(RETAIL.read_text().replace(", max_age: 2d}", "}"))
     db = tmp_path / "r.db"
-    ingest = run(installed, "ingest", "--db", db, "--rules", RETAIL, events)
+    ingest = run(installed, "ingest", "--db", db, "--rules", rules, events)
     assert ingest.returncode == 0, ingest.stderr
     with closing(sqlite3.connect(db)) as conn:
         expected = conn.execute("SELECT count(*) FROM decisions WHERE via = 'crm_task'"
                                 " AND status = 'pending'").fetchone()[0]
     assert expected > 0
     tasks = tmp_path / "tasks.jsonl"
-    deliver = run(installed, "deliver", "--db", db, "--rules", RETAIL,
-                  "--route", "email=log", "--route", "crm_tag=log",
+    deliver = run(installed, "deliver", "--db", db, "--rules", rules,
+                  "--route", "email=log", "--route", "crm_tag=log", "--max-age", "3650d",
                   env={"RETENTION_CRM_TASK_PATH": str(tasks),
                        "RETENTION_LOG_PATH": str(tmp_path / "log.jsonl")})
     assert deliver.returncode == 0, deliver.stderr

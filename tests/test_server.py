@@ -870,7 +870,8 @@ def test_retention_serve_says_where_it_listens_and_logs_each_request(tmp_path, q
 def test_the_server_delivers_the_decisions_its_events_made(start, db, tmp_path):
     log = tmp_path / "deliveries.jsonl"
     server = start({"log.path": str(log)}, deliver_every=30.0,
-                   routes={"crm_tag": "log", "crm_task": "log"})
+                   routes={"crm_tag": "log", "crm_task": "log"},
+                   max_age=3650 * 86400.0)  # (the events are of March 2026)
     # retail.yaml: ten purchases within a year grant the loyalty card (via crm_tag)
     answer = server.post("/events", [purchase(f"p{n}", day=n) for n in range(1, 11)])
     assert answer.status == 200, answer.body

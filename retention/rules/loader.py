@@ -62,7 +62,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "licence": ("clean_for", "points", "up_to"),
     "pressure": ("max", "per", "kinds"),
     "consent": ("withdraw_on", "restore_on"),
-    "action": ("kind", "via", "template", "params", "description"),
+    "action": ("kind", "via", "template", "params", "max_age", "description"),
 }
 _SINGULAR = {"rules": "rule", "recognition": "recognition", "actions": "action"}
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -608,8 +608,13 @@ class _Compiler:
             template = s.text("template")
             if template:
                 params["template"] = template
+            max_age = s.duration("max_age")
+            if max_age is not None and kind == "in_purchase":
+                s.error("max_age", "an in_purchase action is answered in the purchase and "
+                                   "never expires: max_age does not apply")
             if kind is not None:
-                actions[name] = Action(name=name, kind=kind, via=via, params=params)
+                actions[name] = Action(name=name, kind=kind, via=via, params=params,
+                                       max_age=max_age)
             else:
                 self.broken_actions.add(name)
         return actions

@@ -57,6 +57,9 @@ class Action:
     kind: str
     via: str | None
     params: Mapping[str, Any] = attrs.field(factory=dict)
+    #: seconds after which an undelivered decision expires (None: the delivery run's
+    #: default); an ``in_purchase`` action is answered in the purchase and never expires
+    max_age: float | None = None
 
 
 @attrs.frozen(kw_only=True)
