@@ -42,10 +42,20 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-@click.group(cls=_Group)
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="retention-engine")
 def cli() -> None:
-    """retention: tolerance capital, rupture thresholds and recognition rewards."""
+    """retention: tolerance capital, rupture thresholds and recognition rewards.
+
+    \b
+    Environment variables (an option given on the command line wins):
+      RETENTION_DB               the SQLite database (--db)
+      RETENTION_RULES            the rule file or folder (--rules)
+      RETENTION_TOKEN            the bearer token of `retention serve` (--token)
+      RETENTION_STANDARD_SECRET  the secret that signs POST /events (--secret)
+      RETENTION_<SINK>_<KEY>     a sink or source setting (--set sink.key=value),
+                                 e.g. RETENTION_EMAIL_HOST
+    """
 
 
 @cli.command()
@@ -73,11 +83,12 @@ def _read_events(handle: TextIO, name: str) -> Iterator[tuple[int, str, Any]]:
 
 @cli.command()
 @click.option("--rules", "rules_path", type=click.Path(path_type=Path), default="rules",
-              show_default=True, envvar="RETENTION_RULES", help="Rule file or folder.")
+              show_default=True, envvar="RETENTION_RULES", show_envvar=True,
+              help="Rule file or folder.")
 @click.option("--now", help="Tick up to this time at the end (default: the last event's time).")
 @click.option("--dead-letter", type=click.Path(path_type=Path),
               help="Write unusable lines here (JSON Lines, with the reason).")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.argument("events", type=click.File("r", encoding="utf-8"))
 def run(rules_path: Path, now: str | None, dead_letter: Path | None, as_json: bool,
         events: TextIO) -> None:
@@ -178,12 +189,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
 def _db_option(command: Any) -> Any:
     return click.option("--db", "db_path", type=click.Path(path_type=Path),
                         default="retention.db", show_default=True, envvar="RETENTION_DB",
+                        show_envvar=True,
                         help="The SQLite database.")(command)
 
 
 def _rules_option(command: Any) -> Any:
     return click.option("--rules", "rules_path", type=click.Path(path_type=Path),
                         default="rules", show_default=True, envvar="RETENTION_RULES",
+                        show_envvar=True,
                         help="Rule file or folder, used when the database has none yet.")(command)
 
 
@@ -501,7 +514,9 @@ def tick(db_path: Path, rules_path: Path, now: str | None, fmt: str | None) -> N
 @_db_option
 @click.argument("customer_id")
 @click.option("--at", "at", help="As the customer was at T (default: now).")
-@format_options
+@format_options(json="Print the customer as one JSON object, its ledger inside.",
+                nl="Print that JSON object on one line.",
+                csv="Print the ledger as CSV, with a header line.")
 def customer(db_path: Path, customer_id: str, at: str | None, fmt: str | None) -> None:
     """A customer's capital, level, last contact and consent at a moment, and the
     ledger that adds up to that capital: what events did, then what time did since
@@ -557,20 +572,24 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
     help="Only decisions with this status.")
 @click.option("--since", help="Decided at or after T.")
 @click.option("--customer", "customer_id", help="Of one customer.")
+@click.option("--limit", type=click.IntRange(1), help="At most N decisions.")
 @format_options
 def decisions(db_path: Path, status: str | None, since: str | None, customer_id: str | None,
-              fmt: str | None) -> None:
+              limit: int | None, fmt: str | None) -> None:
     """The decision outbox, oldest first."""
     moment = _moment_option(since, "--since")
     with _open(db_path) as engine:
-        rows = _decision_rows(engine.decisions(customer_id, status=status, since=moment))
+        rows = _decision_rows(engine.decisions(customer_id, status=status, since=moment,
+                                               limit=limit))
     click.echo(render(rows, fmt, columns=_decision_columns(fmt),
                       empty="no decision"), nl=False)
 
 
 @cli.command()
 @_db_option
-@format_options
+@format_options(json="Print the report as one JSON object.",
+                nl="Print that JSON object on one line.",
+                csv="Print section,name,value rows as CSV, with a header line.")
 def stats(db_path: Path, fmt: str | None) -> None:
     """Customers by level, capital distribution, decisions, forces by category."""
     with _open(db_path) as engine:
@@ -607,8 +626,10 @@ def stats(db_path: Path, fmt: str | None) -> None:
 @_db_option
 @_rules_option
 @click.option("--retry", is_flag=True, help="Ingest them again (after a fix).")
+@click.option("--limit", type=click.IntRange(1), help="List at most N.")
 @format_options
-def dead_letters(db_path: Path, rules_path: Path, retry: bool, fmt: str | None) -> None:
+def dead_letters(db_path: Path, rules_path: Path, retry: bool, limit: int | None,
+                 fmt: str | None) -> None:
     """Input that could not be used, with the reason; --retry ingests it again."""
     with _open(db_path, rules_path if retry else None) as engine:
         if retry:
@@ -619,7 +640,7 @@ def dead_letters(db_path: Path, rules_path: Path, retry: bool, fmt: str | None) 
             if report.dead_lettered:
                 sys.exit(2)
             return
-        rows = engine.dead_letters()
+        rows = engine.dead_letters(limit)
     click.echo(render(rows, fmt, empty="no dead letter", columns=(
         "seq", "origin", "line", "reason", "raw", "retriable", "received_at")), nl=False)
 
@@ -852,7 +873,7 @@ def delivery_options(command: Any) -> Any:
 @click.option("--now", metavar="T", help="Measure the age of decisions (--max-age) at T "
                                          "instead of the clock: what a run on that day "
                                          "would send.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
 def deliver(db_path: Path, rules_path: Path, settings: tuple[str, ...],
             routes: tuple[str, ...], max_attempts: int, backoff: float, max_age: float,
             retry_ids: tuple[str, ...], limit: int | None, now: str | None,
@@ -945,9 +966,9 @@ def _add_report(total: Any, one: Any) -> None:
 @_rules_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--token", envvar="RETENTION_TOKEN",
+@click.option("--token", envvar="RETENTION_TOKEN", show_envvar=True,
               help="Bearer token every endpoint but /health requires (RETENTION_TOKEN).")
-@click.option("--secret", envvar="RETENTION_STANDARD_SECRET",
+@click.option("--secret", envvar="RETENTION_STANDARD_SECRET", show_envvar=True,
               help="Standard Webhooks secret that signs POST /events "
                    "(RETENTION_STANDARD_SECRET); unsigned events are refused when set.")
 @click.option("--max-body", type=click.IntRange(1), default=1 << 20, show_default=True,

@@ -13,14 +13,20 @@ import click
 FORMATS = ("table", "json", "nl", "csv")
 
 
-def format_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--json``, ``--nl`` and ``--csv`` (a table by default) as one ``fmt`` argument."""
-    for flag, value, text in reversed((
-            ("--json", "json", "Print a JSON array."),
-            ("--nl", "nl", "Print one JSON object per line."),
-            ("--csv", "csv", "Print CSV with a header."))):
-        command = click.option(flag, "fmt", flag_value=value, help=text)(command)
-    return command
+def format_options(command: Callable[..., Any] | None = None, *,
+                   json: str = "Print the rows as a JSON array of objects.",
+                   nl: str = "Print each row as a JSON object on a line of its own.",
+                   csv: str = "Print the rows as CSV, with a header line.") -> Any:
+    """``--json``, ``--nl`` and ``--csv`` (a table by default) as one ``fmt`` argument;
+    a command that prints something else than rows says what in the help texts
+    (``@format_options(json="Print the report as one JSON object.")``)."""
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for flag, value, text in reversed((("--json", "json", json), ("--nl", "nl", nl),
+                                           ("--csv", "csv", csv))):
+            command = click.option(flag, "fmt", flag_value=value, help=text)(command)
+        return command
+
+    return apply if command is None else apply(command)
 
 
 def _cell(value: Any) -> str:

@@ -1048,8 +1048,10 @@ class StoredEngine(Engine):
                 for c, rule, points, at, event_id, cat, why in rows]
 
     def decisions(self, customer: str | None = None, *, status: str | None = None,
-                  since: str | datetime | None = None) -> list[Decision]:
-        """Decisions in the outbox (of one customer, or all), oldest first."""
+                  since: str | datetime | None = None, limit: int | None = None
+                  ) -> list[Decision]:
+        """Decisions in the outbox (of one customer, or all), oldest first (the first
+        ``limit`` of them)."""
         where, args = ["customer IS NOT NULL"], []
         if customer is not None:
             where.append("customer = ?")
@@ -1062,7 +1064,8 @@ class StoredEngine(Engine):
             args.append(_moment(since))
         rows = self.db.execute(
             "SELECT id, customer, rule, action, params, at, kind, via, trigger, status, reason"
-            f" FROM decisions WHERE {' AND '.join(where)} ORDER BY ts, id", args)
+            f" FROM decisions WHERE {' AND '.join(where)} ORDER BY ts, id LIMIT ?",
+            [*args, -1 if limit is None else limit])
         return [decision_of(row) for row in rows]
 
     def customers(self) -> Iterator[str]:
@@ -1122,10 +1125,11 @@ class StoredEngine(Engine):
 
     # -- dead letters ---------------------------------------------------------------------
 
-    def dead_letters(self) -> list[dict[str, Any]]:
+    def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Input that could not be used, oldest first (the first ``limit``)."""
         rows = self.db.execute(
             "SELECT seq, origin, line, reason, raw, retriable, received_at FROM dead_letters"
-            " ORDER BY seq")
+            " ORDER BY seq LIMIT ?", [-1 if limit is None else limit])
         return [dict(zip(("seq", "origin", "line", "reason", "raw", "retriable",
                           "received_at"), r, strict=True)) for r in rows]
 
