@@ -8,8 +8,10 @@ with an underscore, no call but a registered function, no import, no eval.
 Missing fields: a field the event lacks reads as :data:`MISSING`. Any comparison
 involving it (``==``, ``!=``, ``<``, ``in``, ``not in``...) is false, arithmetic on
 it stays missing, and it is falsy. A comparison that cannot be made (``"a" < 1``)
-is false as well, and an arithmetic error (division by zero) gives missing: a
-condition never raises at run time.
+is false as well, and an arithmetic error (division by zero, a whole number past
+64 bits) gives missing: a condition never raises at run time. Every operation does
+work bounded by the size of its operands (no ``**``, no text repetition), and a
+condition is at most MAX_LENGTH characters, so no event can make one run long.
 
 Two evaluators share these semantics: the compiled function (fast) and a small
 tree interpreter (the reference). The compiled function falls back to the
@@ -93,12 +95,23 @@ class ExpressionError(ValueError):
 
 _NUMBERS = (int, float)
 
+#: Whole numbers in arithmetic stay within 64 bits (SQLite's integers): a product
+#: of event fields of thousands of digits each would take seconds per event.
+INT_LIMIT = 2**63
+
 
 def _numeric(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """Arithmetic on numbers only: ``"ab" * 10**9`` must not build a string."""
+    """Arithmetic on numbers only: ``"ab" * 10**9`` must not build a string, and a
+    whole number past INT_LIMIT (an operand or the result) gives missing."""
     def apply(left: Any, right: Any) -> Any:
         if type(left) in _NUMBERS and type(right) in _NUMBERS:
-            return op(left, right)
+            if (type(left) is int and not -INT_LIMIT < left < INT_LIMIT) or (
+                    type(right) is int and not -INT_LIMIT < right < INT_LIMIT):
+                return MISSING
+            result = op(left, right)
+            if type(result) is int and not -INT_LIMIT < result < INT_LIMIT:
+                return MISSING
+            return result
         return MISSING
     return apply
 
