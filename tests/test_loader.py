@@ -193,3 +193,9 @@ def test_the_schema_is_shipped_with_the_package():
     from importlib.resources import files
 
     assert (files("retention.rules") / "schema.json").is_file()
+
+
+def test_dates_in_a_rule_file_are_plain_text():
+    rules = load_texts([("r.yaml", "actions:\n  a: {kind: in_purchase, params: "
+                                   "{since: 2026-01-01, code: =}}\n")])
+    assert rules.actions["a"].params == {"since": "2026-01-01", "code": "="}

@@ -21,7 +21,6 @@ interpreter whenever Python raises, and the tests check that both agree.
 from __future__ import annotations
 
 import ast
-import copy
 import difflib
 import operator
 from collections.abc import Callable, Iterable
@@ -343,7 +342,14 @@ def _event_types(tree: ast.expr) -> frozenset[str] | None:
 # -- the compiled evaluator ----------------------------------------------------------
 
 class _Lowering(ast.NodeTransformer):
-    """Rewrites a checked tree into plain Python over (ev, pr, cu)."""
+    """Rewrites a checked tree into plain Python over (ev, pr, cu). It builds new
+    nodes and never changes the checked tree, which the interpreter keeps."""
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
+        return ast.BoolOp(op=node.op, values=[self.visit(v) for v in node.values])
+
+    def visit_Tuple(self, node: ast.Tuple) -> ast.expr:
+        return ast.Tuple(elts=[self.visit(e) for e in node.elts], ctx=ast.Load())
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.expr:
         assert isinstance(node.value, ast.Name)
@@ -417,7 +423,7 @@ def _build(tree: ast.expr, source: str, functions: dict[str, Callable[..., Any]]
            ) -> Callable[[Any, Any, Any], bool]:
     lowering = _Lowering()
     lowering.constants = {}  # type: ignore[attr-defined]
-    body = lowering.visit(copy.deepcopy(tree))
+    body = lowering.visit(tree)
     args = ast.arguments(posonlyargs=[], args=[ast.arg("ev"), ast.arg("pr"), ast.arg("cu")],
                          kwonlyargs=[], kw_defaults=[], defaults=[])
     handler = ast.ExceptHandler(

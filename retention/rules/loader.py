@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import yaml
@@ -65,7 +65,28 @@ KEYS: dict[str, tuple[str, ...]] = {
     "action": ("kind", "via", "template", "params", "description"),
 }
 _SINGULAR = {"rules": "rule", "recognition": "recognition", "actions": "action"}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+#: Names of rules, levels, recognition rewards and actions: they end up in decision
+#: ids, logs, CSV columns and URLs, so no spaces, line breaks or punctuation.
+NAME_LENGTH = 64
+_NAME = re.compile(rf"[A-Za-z][A-Za-z0-9_\-]{{0,{NAME_LENGTH - 1}}}")
+NAME_RULE = (f"letters, digits, _ and -, starting with a letter, at most {NAME_LENGTH} "
+             "characters")
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+# -- limits ----------------------------------------------------------------------------
+
+#: The rule files of a rule set together (checked before any is parsed).
+MAX_BYTES = 2**20
+#: Entries of each named section across all files, and levels.
+MAX_ENTRIES = {"rules": 1000, "recognition": 1000, "actions": 1000}
+MAX_LEVELS = 100
+#: How deep mappings and lists may nest (a rule file needs about six).
+MAX_DEPTH = 32
 
 
 # -- YAML with positions ---------------------------------------------------------------
@@ -103,7 +124,37 @@ def _text_offset(node: yaml.Node) -> int | None:
 MAX_NODES = 100_000
 
 
+class _RuleYAML(yaml.SafeLoader):
+    """YAML's safe loader that remembers which nodes carry an explicit tag (``!!str``,
+    ``!!python/object``...), so the builder refuses them at their position instead of
+    silently dropping or obeying them, and that reads dates as plain text (a rule file
+    holds no timestamps; a ``2026-01-01`` in params stays JSON)."""
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[Any]]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)  # an alias event has none
+        node = super().compose_node(parent, index)
+        if tag is not None:
+            node.explicit_tag = tag
+        return node
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,") \
+        else tag
+
+
 class _TooBig(Exception):
+    pass
+
+
+class _TooDeep(Exception):
     pass
 
 
@@ -111,25 +162,36 @@ class _Builder:
     def __init__(self, file: str, problems: list[RuleProblem]):
         self.file = file
         self.problems = problems
-        self.constructor = yaml.SafeLoader("")
+        self.constructor = _RuleYAML("")
         self.built = 0
 
-    def build(self, node: yaml.Node) -> Any:
+    def build(self, node: yaml.Node, depth: int = 0) -> Any:
         self.built += 1
         if self.built > MAX_NODES:
             raise _TooBig
+        if depth > MAX_DEPTH:
+            raise _TooDeep(_mark(node))
+        tag = getattr(node, "explicit_tag", None)
+        if tag is not None:
+            self._error(_mark(node), f"YAML tag {_tag_name(tag)!r} is not allowed in a rule "
+                                     "file: write plain values (quote a text, \"5\")")
+            if isinstance(node, yaml.ScalarNode):  # read as if untagged: no knock-on error
+                plain = node.style is None
+                node = yaml.ScalarNode(
+                    self.constructor.resolve(yaml.ScalarNode, node.value, (plain, not plain)),
+                    node.value, node.start_mark, node.end_mark, style=node.style)
         if isinstance(node, yaml.MappingNode):
             out = LMap()
             out.pos, out.key_pos, out.val_pos, out.val_offset = _mark(node), {}, {}, {}
             for key_node, value_node in node.value:
-                key = self.build(key_node)
+                key = self.build(key_node, depth + 1)
                 if isinstance(key, dict | list):
                     self._error(_mark(key_node), "a key must be a plain name")
                     continue
                 if key in out:
                     self._error(_mark(key_node), f"duplicate key {key!r}")
                     continue
-                out[key] = self.build(value_node)
+                out[key] = self.build(value_node, depth + 1)
                 out.key_pos[key] = _mark(key_node)
                 out.val_pos[key] = _mark(value_node)
                 out.val_offset[key] = _text_offset(value_node)
@@ -138,7 +200,7 @@ class _Builder:
             items = LList()
             items.pos, items.item_pos, items.item_offset = _mark(node), [], []
             for item in node.value:
-                items.append(self.build(item))
+                items.append(self.build(item, depth + 1))
                 items.item_pos.append(_mark(item))
                 items.item_offset.append(_text_offset(item))
             return items
@@ -151,7 +213,7 @@ class _Builder:
 
 def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_RuleYAML)
     except RecursionError:
         problems.append(RuleProblem(file=file, line=1, column=1,
                                     message="invalid YAML: nested too deeply"))
@@ -174,6 +236,11 @@ def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
         data = _Builder(file, problems).build(node)
     except yaml.YAMLError as exc:
         problems.append(RuleProblem(file=file, line=1, column=1, message=f"invalid YAML: {exc}"))
+        return None
+    except _TooDeep as exc:
+        line, column = exc.args[0]
+        problems.append(RuleProblem(file=file, line=line, column=column,
+                                    message=f"nested more than {MAX_DEPTH} levels deep"))
         return None
     except (_TooBig, RecursionError, MemoryError):
         problems.append(RuleProblem(
@@ -372,7 +439,17 @@ def _read_sources(path: Path, problems: list[RuleProblem]) -> list[SourceFile]:
                                     message="no such file or folder"))
         files = []
     sources = []
+    total = 0
     for file in files:
+        try:
+            total += file.stat().st_size
+        except OSError as exc:
+            problems.append(RuleProblem(file=str(file), line=1, column=1,
+                                        message=f"cannot read: {exc}"))
+            continue
+        if total > MAX_BYTES:  # refused before reading: no parse of 100 MB of comments
+            problems.append(_too_large(str(file), total, several=len(files) > 1))
+            return []
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -382,6 +459,13 @@ def _read_sources(path: Path, problems: list[RuleProblem]) -> list[SourceFile]:
         sources.append(SourceFile(path=str(file), text=text,
                                   sha256=hashlib.sha256(text.encode()).hexdigest()))
     return sources
+
+
+def _too_large(file: str, size: int, *, several: bool) -> RuleProblem:
+    what = "the rule files up to this one hold" if several else "this rule file holds"
+    return RuleProblem(file=file, line=1, column=1,
+                       message=f"too large: {what} {size:,} bytes; a rule set is limited to "
+                               f"{MAX_BYTES:,} bytes (1 MiB)")
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -398,6 +482,12 @@ def load_texts(texts: Iterable[tuple[str, str]]) -> RuleSet:
     v = _Validator()
     parsed: list[tuple[str, LMap]] = []
     sources: list[SourceFile] = []
+    texts = list(texts)
+    total = 0
+    for name, text in texts:
+        total += len(text.encode("utf-8", "surrogatepass"))
+        if total > MAX_BYTES:
+            raise RuleFileError([_too_large(name, total, several=len(texts) > 1)])
     for name, text in texts:
         sources.append(SourceFile(path=name, text=text,
                                   sha256=hashlib.sha256(text.encode()).hexdigest()))
@@ -421,6 +511,8 @@ class _Compiler:
         self.named: dict[str, list[tuple[str, _Section]]] = {
             "rules": [], "recognition": [], "actions": []}
         self.levels: list[tuple[_Section, int]] = []
+        #: a section past its limit: nothing more is checked (it could take long)
+        self.too_many = False
 
     def _gather(self) -> None:
         seen_names: dict[str, dict[str, str]] = {k: {} for k in self.named}
@@ -440,10 +532,15 @@ class _Compiler:
                 section = top.mapping(key, key)
                 if section is None:
                     continue
+                if len(self.named[key]) + len(section.m) > MAX_ENTRIES[key]:
+                    top.error(key, f"too many {key}: a rule set has at most "
+                                   f"{MAX_ENTRIES[key]:,}", at_key=True)
+                    self.too_many = True
+                    continue
                 for name in section.m:
-                    if not isinstance(name, str) or not _NAME.match(name):
-                        section.error(name, f"{name!r} is not a valid name (letters, digits, "
-                                            "_ and -, starting with a letter)", at_key=True)
+                    if not valid_name(name):
+                        section.error(name, f"{name!r} is not a valid name ({NAME_RULE})",
+                                      at_key=True)
                         continue
                     if name in seen_names[key]:
                         section.error(name, f"{_SINGULAR[key]} {name!r} is already defined in "
@@ -472,6 +569,11 @@ class _Compiler:
             if not isinstance(levels, LList):
                 top.error("levels", "levels must be a list like - {name: watch, below: 55}")
                 continue
+            if len(self.levels) + len(levels) > MAX_LEVELS:
+                top.error("levels", f"too many levels: a rule set has at most {MAX_LEVELS}",
+                          at_key=True)
+                self.too_many = True
+                continue
             for index, item in enumerate(levels):
                 if not isinstance(item, LMap):
                     self.v.error(file, levels.item_pos[index],
@@ -481,6 +583,8 @@ class _Compiler:
 
     def compile(self, sources: tuple[SourceFile, ...]) -> RuleSet | None:
         self._gather()
+        if self.too_many:
+            return None
         capital = self._capital()
         actions = self._actions()
         rules = self._rules(actions)
@@ -728,6 +832,9 @@ class _Compiler:
         for s, _ in self.levels:
             s.only(KEYS["level"])
             name = s.text("name", required=True)
+            if name is not None and not valid_name(name):
+                s.error("name", f"{name!r} is not a valid name ({NAME_RULE})")
+                name = None
             if name is not None:
                 if name in seen:
                     s.error("name", f"level {name!r} is defined twice")
