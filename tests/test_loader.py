@@ -199,3 +199,50 @@ def test_dates_in_a_rule_file_are_plain_text():
     rules = load_texts([("r.yaml", "actions:\n  a: {kind: in_purchase, params: "
                                    "{since: 2026-01-01, code: =}}\n")])
     assert rules.actions["a"].params == {"since": "2026-01-01", "code": "="}
+
+
+@pytest.mark.parametrize(("text", "only"), [
+    # the misspelt points read as 0, which "only negative points fade" used to report
+    ("rules:\n  late:\n    when: event.type == \"d\"\n    pionts: -10\n    fades_over: 30d\n",
+     "r.yaml:4:5: unknown key 'pionts' in rule 'late' (did you mean 'points'?)"),
+    ("rules:\n  a: {wehn: event.type == \"x\", points: 1}\n",
+     "r.yaml:2:7: unknown key 'wehn' in rule 'a' (did you mean 'when'?)"),
+    ("rules:\n  a: {when: event.x, points: -1, fades_ovr: 3d, keep: 0.5}\n",
+     "r.yaml:2:34: unknown key 'fades_ovr' in rule 'a' (did you mean 'fades_over'?)"),
+    ("rules:\n  a: {when: event.x, points: -1, fades: {rat: 5%, per: 3d}}\n",
+     "r.yaml:2:42: unknown key 'rat' in fades (did you mean 'rate'?)"),
+    ("rules:\n  a: {when: event.x, pionts: -1}\n  b: {when: event.y, recovers: a, "
+     "match: id, within: 2d}\n",
+     "r.yaml:2:22: unknown key 'pionts' in rule 'a' (did you mean 'points'?)"),
+    ("rules:\n  a: {when: event.x, points: -1}\n  b: {when: event.y, recover: a, "
+     "match: id, within: 2d}\n",
+     "r.yaml:3:22: unknown key 'recover' in rule 'b' (did you mean 'recovers'?)"),
+    ("capital: {initial: 150, mx: 200}\nlicence: {clean_for: 10d, points: 1}\n",
+     "r.yaml:1:25: unknown key 'mx' in capital (did you mean 'max'?)"),
+    ("capitol: {initial: 150, max: 200}\nlicence: {clean_for: 10d, points: 1}\n",
+     "r.yaml:1:1: unknown key 'capitol' in the rule file (did you mean 'capital'?)"),
+    ("levels:\n  - {nmae: watch, below: 50}\n",
+     "r.yaml:2:6: unknown key 'nmae' in level (did you mean 'name'?)"),
+    ("recognition:\n  r: {evry: 2, when: event.x, then: [a]}\nactions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:7: unknown key 'evry' in recognition 'r' (did you mean 'every'?)"),
+    ("recognition:\n  r: {after: {purchase: 3}, then: [a]}\nactions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:15: unknown key 'purchase' in after (did you mean 'purchases'?)"),
+    ("recognition:\n  r: {every: 2, when: event.x, thne: [a]}\n"
+     "actions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:32: unknown key 'thne' in recognition 'r' (did you mean 'then'?)"),
+    ("rules:\n  a: {when: event.x, then: [tag]}\naction:\n  tag: {kind: service, via: crm}\n",
+     "r.yaml:3:1: unknown key 'action' in the rule file (did you mean 'actions'?)"),
+    ("actions:\n  tag: {kind: service, vai: crm}\n",
+     "r.yaml:2:24: unknown key 'vai' in action 'tag' (did you mean 'via'?)"),
+    ("silence: {after: 10d, rate_per_dy: 1}\n",
+     "r.yaml:1:23: unknown key 'rate_per_dy' in silence (did you mean 'rate_per_day'?)"),
+])
+def test_a_misspelt_key_is_one_error_with_no_knock_on(text, only):
+    assert problems(text) == [only]
+
+
+def test_a_missing_key_is_still_reported_beside_an_unrelated_unknown_one():
+    assert problems("rules:\n  a: {points: 1, colour: red}\n") == [
+        "r.yaml:2:6: rule 'a' needs 'when'",
+        "r.yaml:2:18: unknown key 'colour' in rule 'a'",
+    ]

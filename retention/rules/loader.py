@@ -275,6 +275,10 @@ class _Section:
 
     def __init__(self, owner: _Validator, file: str, mapping: LMap, where: str):
         self.owner, self.file, self.m, self.where = owner, file, mapping, where
+        #: known keys an unknown key was probably meant to be (``pionts``: points);
+        #: their absence is reported once, as that unknown key, and nothing else is
+        #: derived from it (no "needs 'points'", no check against the default)
+        self.meant: set[str] = set()
 
     def error(self, key: str | None, message: str, *, at_key: bool = False) -> None:
         if key is None or key not in self.m.key_pos:
@@ -289,6 +293,18 @@ class _Section:
             if key not in allowed:
                 self.error(key, f"unknown key {key!r} in {self.where}{_suggest(key, allowed)}",
                            at_key=True)
+                self.meant.update(difflib.get_close_matches(str(key), allowed, n=1,
+                                                            cutoff=0.6))
+
+    def guessed(self, *keys: str) -> bool:
+        """Whether one of ``keys`` is absent but was meant (written misspelt): what
+        would follow from its absence or its default is not a mistake of its own."""
+        return any(key not in self.m and key in self.meant for key in keys)
+
+    def needs(self, key: str, message: str) -> None:
+        """Report a required ``key`` that is absent, unless it was written misspelt."""
+        if not self.guessed(key):
+            self.error(None, message)
 
     def has(self, key: str) -> bool:
         return key in self.m
@@ -301,7 +317,7 @@ class _Section:
                strict_low: bool = False) -> float | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return default
         value = self.m[key]
         if not _is_number(value):
@@ -319,7 +335,7 @@ class _Section:
     def integer(self, key: str, *, low: int, required: bool = False) -> int | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return None
         value = self.m[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -330,7 +346,7 @@ class _Section:
     def duration(self, key: str, *, required: bool = False) -> float | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r} (a duration like 30d)")
+                self.needs(key, f"{self.where} needs {key!r} (a duration like 30d)")
             return None
         try:
             seconds = parse_duration(self.m[key])
@@ -371,7 +387,7 @@ class _Section:
     def text(self, key: str, *, required: bool = False) -> str | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return None
         value = self.m[key]
         if not isinstance(value, str) or not value.strip():
@@ -513,12 +529,15 @@ class _Compiler:
         self.levels: list[tuple[_Section, int]] = []
         #: a section past its limit: nothing more is checked (it could take long)
         self.too_many = False
+        #: top-level sections written misspelt in some file (``action:``)
+        self.top_meant: set[str] = set()
 
     def _gather(self) -> None:
         seen_names: dict[str, dict[str, str]] = {k: {} for k in self.named}
         for file, data in self.parsed:
             top = _Section(self.v, file, data, "the rule file")
             top.only(TOP_KEYS)
+            self.top_meant |= top.meant
             for key in ("capital", "silence", "licence", "pressure", "consent"):
                 section = top.mapping(key, key)
                 if section is None:
@@ -647,7 +666,9 @@ class _Compiler:
         high = s.number("max", 100.0)
         initial = s.number("initial", 70.0)
         opens = s.names("opens_on") or frozenset({"purchase"})
-        if low is not None and high is not None and low >= high:
+        if s.guessed("min", "max", "initial"):
+            pass  # a bound written misspelt: its default proves nothing
+        elif low is not None and high is not None and low >= high:
             s.error("max", f"max ({high:g}) must be more than min ({low:g})")
         elif initial is not None and low is not None and high is not None and \
                 not low <= initial <= high:
@@ -683,6 +704,8 @@ class _Compiler:
             if name in self.broken_actions:
                 continue  # its own declaration is reported already
             if name not in actions:
+                if "actions" in self.top_meant:
+                    continue  # the actions section itself is misspelt: reported there
                 declared = self.declared_actions
                 hint = _suggest(name, declared)
                 self.v.error(s.file, pos, f"unknown action {name!r}{hint}; declare it "
@@ -737,7 +760,7 @@ class _Compiler:
             return None
         inner.only(KEYS["fades"])
         if "rate" not in inner.m:
-            inner.error(None, "fades needs a rate, like {rate: 5%, per: 30d}")
+            inner.needs("rate", "fades needs a rate, like {rate: 5%, per: 30d}")
             return None
         rate = inner.share("rate")
         per = inner.duration("per", required=True)
@@ -748,14 +771,16 @@ class _Compiler:
 
     def _rules(self, actions: dict[str, Action]) -> list[Rule]:
         known = [name for name, _ in self.named["rules"]]
-        points_of: dict[str, float] = {}
+        #: the points of each rule; None when they are written misspelt (unknown)
+        points_of: dict[str, float | None] = {}
         for name, s in self.named["rules"]:
+            s.only(KEYS["rule"])
             value = s.m.get("points", 0)
-            points_of[name] = value if _is_number(value) else 0
+            points_of[name] = None if s.guessed("points") else (
+                value if _is_number(value) else 0)
         recovered: dict[str, list[str]] = {}
         rules: list[Rule] = []
         for name, s in self.named["rules"]:
-            s.only(KEYS["rule"])
             if "pattern" in s.m:
                 s.error("pattern", "multi-event pattern rules are not available in this "
                                    "version yet; write a single-event rule with 'when'",
@@ -765,11 +790,13 @@ class _Compiler:
             points = s.number("points", 0.0)
             fade = self._fade(s)
             keep = 0.0
-            if fade is not None and points is not None and points >= 0:
+            if fade is not None and points is not None and points >= 0 and \
+                    not s.guessed("points"):
                 s.error("points", "only negative points fade: goodwill is banked")
             if "keep" in s.m:
-                if fade is None and not any(k in s.m for k in ("fades_over", "half_life",
-                                                               "fades")):
+                fades = ("fades_over", "half_life", "fades")
+                if fade is None and not any(k in s.m for k in fades) and \
+                        not s.guessed(*fades):
                     s.error("keep", "keep needs a fade (fades_over, half_life or fades)",
                             at_key=True)
                 else:
@@ -791,7 +818,8 @@ class _Compiler:
                 elif target == name:
                     s.error("recovers", "a rule cannot recover itself")
                     target = None
-                elif target is not None and points_of.get(target, 0) >= 0:
+                elif target is not None and points_of[target] is not None and \
+                        points_of[target] >= 0:
                     s.error("recovers", f"rule {target!r} takes no points, so there is "
                                         "nothing to recover")
                     target = None
@@ -803,7 +831,7 @@ class _Compiler:
                     recovery = Recovery(rule=target, match=match, within=within,
                                         refund=refund, bonus=bonus)
                     recovered.setdefault(target, []).append(match)
-            else:
+            elif not s.guessed("recovers"):
                 for key in ("match", "within", "refund", "bonus"):
                     if key in s.m:
                         s.error(key, f"{key} only makes sense with recovers: RULE", at_key=True)
@@ -858,13 +886,14 @@ class _Compiler:
         for name, s in self.named["recognition"]:
             s.only(KEYS["recognition"])
             then = self._then(s, actions)
-            if not s.m.get("then"):
+            if not s.m.get("then") and not s.guessed("then"):
                 s.error("then" if "then" in s.m else None,
                         f"recognition {name!r} needs then: [at least one action]")
             has_every, has_after = "every" in s.m, "after" in s.m
             if has_every == has_after:
-                s.error(None, f"recognition {name!r} needs exactly one of every: N "
-                              "or after: {purchases, or_spent, within}")
+                if has_every or not s.guessed("every", "after"):
+                    s.error(None, f"recognition {name!r} needs exactly one of every: N "
+                                  "or after: {purchases, or_spent, within}")
                 continue
             if has_every:
                 every = s.integer("every", low=1)
@@ -882,7 +911,8 @@ class _Compiler:
             spent = inner.number("or_spent", low=0.0, strict_low=True)
             within = inner.duration("within")
             if "purchases" not in inner.m and "or_spent" not in inner.m:
-                inner.error(None, "after needs purchases: N, or_spent: AMOUNT, or both")
+                if not inner.guessed("purchases", "or_spent"):
+                    inner.error(None, "after needs purchases: N, or_spent: AMOUNT, or both")
                 continue
             if then and (purchases or spent):
                 out.append(Recognition(name=name, then=then, condition=condition,
@@ -909,7 +939,10 @@ class _Compiler:
         clean = s.duration("clean_for", required=True)
         points = s.number("points", required=True, low=0.0, strict_low=True)
         up_to = s.number("up_to", capital.initial)
-        if up_to is not None and not capital.min <= up_to <= capital.max:
+        written = self.single.get("capital")
+        if "capital" in self.top_meant or (written and written.guessed("min", "max", "initial")):
+            pass  # capital is written misspelt: its bounds (and up_to's default) are unknown
+        elif up_to is not None and not capital.min <= up_to <= capital.max:
             s.error("up_to", f"up_to ({up_to:g}) must lie between capital min ({capital.min:g}) "
                              f"and max ({capital.max:g})")
             up_to = None
