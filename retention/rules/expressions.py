@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import difflib
 import operator
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -192,6 +193,9 @@ def compile_condition(source: str) -> Condition:
         functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
         function = _build(checked, source, functions)
     except SyntaxError as exc:
+        slip = _slip(source.strip())
+        if slip is not None:
+            raise slip from None
         raise ExpressionError(
             f"invalid condition: {exc.msg}", exc.lineno or 1, exc.offset or 1
         ) from None
@@ -207,6 +211,44 @@ def compile_condition(source: str) -> Condition:
         event_types=_event_types(checked),
         customer_fields=frozenset(customer_fields),
     )
+
+
+#: The usual slips of other languages, and what the condition language writes
+#: instead; looked for (outside quoted text) only in a condition that does not parse.
+_SLIPS = (
+    (re.compile(r"=>"), "'=>' is not an operator (did you mean '>='?)"),
+    (re.compile(r"=<"), "'=<' is not an operator (did you mean '<='?)"),
+    (re.compile(r"&&"), "'&&' is not an operator (did you mean 'and'?)"),
+    (re.compile(r"\|\|"), "'||' is not an operator (did you mean 'or'?)"),
+    (re.compile(r"!(?!=)"), "'!' is not an operator (did you mean 'not'?)"),
+    (re.compile(r"(?<![=!<>])=(?!=)"), "'=' is not a comparison (did you mean '=='?)"),
+    (re.compile(r"\b(AND|OR|NOT|And|Or|Not)\b"), "{0!r} is written in lower case "
+                                                  "(did you mean {1!r}?)"),
+)
+_QUOTED = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'")
+
+
+def _slip(source: str) -> ExpressionError | None:
+    """A hint for a condition that does not parse because of a usual slip, at its
+    position; None when it is another mistake."""
+    blank = _QUOTED.sub(lambda m: " " * len(m.group()), source)  # text is not code
+    for pattern, message in _SLIPS:
+        found = pattern.search(blank)
+        if found is not None:
+            word = found.group()
+            line = blank.count("\n", 0, found.start()) + 1
+            column = found.start() - (blank.rfind("\n", 0, found.start()) + 1) + 1
+            return ExpressionError("invalid condition: " + message.format(word, word.lower()),
+                                   line, column)
+    return None
+
+
+def _unquoted(node: ast.expr) -> ast.Name | None:
+    """A bare word where a value is compared, most likely text without its quotes."""
+    if isinstance(node, ast.Name) and node.id not in _LITERAL_NAMES and \
+            node.id not in ("event", "customer") and not node.id.startswith("_"):
+        return node
+    return None
 
 
 class _Checker:
@@ -263,8 +305,9 @@ class _Checker:
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
         if type(node.op) not in _BINOPS:
-            raise _fail(node, f"operator {_describe(node.op)} is not allowed "
-                              "(use + - * / // %)")
+            instead = {ast.BitAnd: " (did you mean 'and'?)", ast.BitOr: " (did you mean 'or'?)"}
+            raise _fail(node, f"operator {_describe(node.op)} is not allowed"
+                              f"{instead.get(type(node.op), ' (use + - * / // %)')}")
         return ast.BinOp(left=self.visit(node.left), op=node.op, right=self.visit(node.right))
 
     def visit_Compare(self, node: ast.Compare) -> ast.expr:
@@ -272,6 +315,17 @@ class _Checker:
             if type(op) not in _CMPOPS:
                 raise _fail(node, f"comparison {_describe(op)} is not allowed "
                                   "(use == != < <= > >= in, not in)")
+        if any(isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in node.ops):
+            # event.type == delivery: a word that can only be text; but for
+            # amount > 3 the existing hint (event.amount) is the likely one
+            for side in (node.left, *node.comparators):
+                items = side.elts if isinstance(side, ast.List | ast.Tuple | ast.Set) else [side]
+                for item in items:
+                    word = _unquoted(item)
+                    if word is not None:
+                        raise _fail(word, f"unknown name {word.id!r} (did you mean "
+                                          f'"{word.id}" in quotes? a field is '
+                                          f"event.{word.id})")
         return ast.Compare(left=self.visit(node.left), ops=node.ops,
                            comparators=[self.visit(c) for c in node.comparators])
 
