@@ -148,9 +148,11 @@ _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
 
 
 def _fail(node: ast.AST, message: str) -> ExpressionError:
@@ -162,7 +164,9 @@ class Condition:
     """A compiled condition. Call it with ``(event, props, customer)``; it returns a bool.
 
     ``event_types`` is the set of event types it can match (None: any type), used
-    to index rules by type; ``customer_fields`` the ``customer.*`` fields it reads.
+    to index rules by type; ``customer_fields`` the ``customer.*`` fields it reads,
+    ``event_fields`` the event properties (``event.FIELD`` beyond id, customer, type,
+    at and source).
     """
 
     source: str
@@ -171,6 +175,7 @@ class Condition:
     functions: dict[str, Callable[..., Any]] = attrs.field(repr=False)
     event_types: frozenset[str] | None
     customer_fields: frozenset[str]
+    event_fields: frozenset[str] = frozenset()
 
     def __call__(self, event: Any, props: Any, customer: Any) -> bool:
         return self.function(event, props, customer)
@@ -189,7 +194,8 @@ def compile_condition(source: str) -> Condition:
     try:
         tree = ast.parse(source.strip(), mode="eval")
         customer_fields: set[str] = set()
-        checked = _Checker(customer_fields).visit(tree.body)
+        event_fields: set[str] = set()
+        checked = _Checker(customer_fields, event_fields).visit(tree.body)
         functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
         function = _build(checked, source, functions)
     except SyntaxError as exc:
@@ -210,6 +216,7 @@ def compile_condition(source: str) -> Condition:
         tree=checked,
         event_types=_event_types(checked),
         customer_fields=frozenset(customer_fields),
+        event_fields=frozenset(event_fields),
     )
 
 
@@ -255,8 +262,9 @@ class _Checker:
     """Walks the parsed condition, refuses what is not whitelisted, and folds the
     literal collections (so both evaluators share the same constant objects)."""
 
-    def __init__(self, customer_fields: set[str]):
+    def __init__(self, customer_fields: set[str], event_fields: set[str]):
         self.customer_fields = customer_fields
+        self.event_fields = event_fields
 
     def visit(self, node: ast.AST) -> ast.expr:
         method = getattr(self, "visit_" + type(node).__name__, None)
@@ -290,9 +298,11 @@ class _Checker:
         if base.id == "customer":
             if node.attr not in CUSTOMER_FIELDS:
                 raise _fail(node, f"customer.{node.attr} is not a customer field"
-                                  f"{_suggest(node.attr, CUSTOMER_FIELDS)}; "
+                                  f"{suggest(node.attr, CUSTOMER_FIELDS)}; "
                                   f"fields: {', '.join(CUSTOMER_FIELDS)}")
             self.customer_fields.add(node.attr)
+        elif node.attr not in EVENT_CORE:
+            self.event_fields.add(node.attr)
         return ast.Attribute(value=ast.Name(base.id, ast.Load()), attr=node.attr, ctx=ast.Load())
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
@@ -334,7 +344,7 @@ class _Checker:
             raise _fail(node, "only registered functions can be called, like len(event.sku)")
         name = node.func.id
         if name.startswith("_") or name not in FUNCTIONS:
-            raise _fail(node, f"unknown function {name!r}{_suggest(name, FUNCTIONS)}; "
+            raise _fail(node, f"unknown function {name!r}{suggest(name, FUNCTIONS)}; "
                               f"functions: {', '.join(sorted(FUNCTIONS))}")
         if node.keywords:
             raise _fail(node, "keyword arguments are not allowed")

@@ -977,6 +977,40 @@ class _Compiler:
         return Consent(withdraw_on=withdraw, restore_on=restore)
 
 
+class Positions:
+    """Where the parts of a loaded rule set are written, for messages about it after
+    loading (``retention check``): ``of("actions", "call_customer", "via")`` is
+    ``"rules/retail.yaml:71:47"``. A level is found by its name. The files are
+    parsed again on the first question only."""
+
+    def __init__(self, rules: RuleSet):
+        self.sources = rules.sources
+        self._parsed: list[tuple[str, LMap]] | None = None
+
+    def of(self, *path: str) -> str:
+        """The position of the value at ``path``; of the nearest part of it written
+        when the value itself is not (an action with no ``template``)."""
+        if self._parsed is None:
+            self._parsed = [(s.path, data) for s in self.sources
+                            if (data := _parse(s.path, s.text, [])) is not None]
+        for file, data in self._parsed:
+            node: Any = data
+            near: Pos | None = None
+            for key in path[:-1]:
+                if isinstance(node, LList):  # the levels: by name
+                    node = next((i for i in node if isinstance(i, LMap)
+                                 and i.get("name") == key), None)
+                    near = node.pos if node is not None else near
+                elif isinstance(node, LMap) and key in node:
+                    near, node = node.key_pos[key], node[key]
+                else:
+                    node = None
+            if isinstance(node, LMap):
+                line, column = node.val_pos.get(path[-1], near or node.pos)
+                return f"{file}:{line}:{column}"
+        return self.sources[0].path if self.sources else "rules"
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
