@@ -360,12 +360,19 @@ def _wall_clock() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+#: The JSON Schema of rule files, written beside them by ``init`` (an editor reads it
+#: offline), and the line that points an editor with the YAML language server at it.
+SCHEMA_NAME = "schema.json"
+SCHEMA_HINT = f"# yaml-language-server: $schema=./{SCHEMA_NAME}\n"
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=".")
 @click.option("--force", is_flag=True, help="Overwrite an existing rules/retail.yaml.")
 def init(directory: Path, force: bool) -> None:
-    """Start a project in DIRECTORY: a rules folder with the commented retail rules
-    and their email templates, and an empty database (retention.db)."""
+    """Start a project in DIRECTORY: a rules folder with the commented retail rules,
+    the JSON Schema editors check them with, their email templates, and an empty
+    database (retention.db)."""
     from .store import StoredEngine
 
     rules_dir = directory / "rules"
@@ -375,9 +382,14 @@ def init(directory: Path, force: bool) -> None:
         if target.exists() and not force:
             click.echo(f"kept {target} (exists; --force overwrites)")
         else:
-            target.write_text((BUNDLED / "retail.yaml").read_text(encoding="utf-8"),
-                              encoding="utf-8")
+            target.write_text(SCHEMA_HINT + (BUNDLED / "retail.yaml").read_text(
+                encoding="utf-8"), encoding="utf-8")
             click.echo(f"wrote {target}")
+        schema = rules_dir / SCHEMA_NAME
+        if not schema.exists() or force:
+            schema.write_bytes((Path(__file__).resolve().parent / "rules" / "schema.json")
+                               .read_bytes())
+            click.echo(f"wrote {schema}")
         for template in sorted((BUNDLED / "templates").glob("*.txt")):
             written = rules_dir / "templates" / template.name
             if not written.exists() or force:

@@ -246,3 +246,25 @@ def test_a_missing_key_is_still_reported_beside_an_unrelated_unknown_one():
         "r.yaml:2:6: rule 'a' needs 'when'",
         "r.yaml:2:18: unknown key 'colour' in rule 'a'",
     ]
+
+
+def test_the_json_schema_has_the_loader_limits_and_name_pattern():
+    import json
+    import re
+
+    from retention.rules.expressions import MAX_LENGTH
+    from retention.rules.loader import MAX_ENTRIES, MAX_LEVELS, valid_name
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "retention" / "rules"
+                         / "schema.json").read_text())
+    defs, props = schema["$defs"], schema["properties"]
+    pattern = re.compile(defs["name"]["pattern"])
+    for name in ("late_delivery", "r-1", "a" * 64, "a" * 65, "r1\n", "1r", "tag me", "café",
+                 "_x", ""):
+        assert (pattern.search(name) is not None and "\n" not in name) is valid_name(name), name
+    assert defs["condition"]["maxLength"] == MAX_LENGTH
+    assert {k: props[k]["maxProperties"] for k in MAX_ENTRIES} == MAX_ENTRIES
+    assert props["levels"]["maxItems"] == MAX_LEVELS
+    for section in ("rules", "recognition", "actions"):
+        assert props[section]["propertyNames"] == {"$ref": "#/$defs/name"}
+    assert defs["level"]["properties"]["name"] == {"$ref": "#/$defs/name"}
