@@ -174,3 +174,23 @@ def test_the_event_generator_is_reproducible(tmp_path):
                        check=True, capture_output=True)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and outs[0]
+
+
+def test_the_check_examples_of_the_docs_print_what_they_say(monkeypatch):
+    import re
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    ran = 0
+    for doc in ("docs/cli.md", "docs/rules.md"):
+        text = (ROOT / doc).read_text()
+        for command, printed in re.findall(r"```\n\$ retention (check [^\n]*)\n(.*?)```",
+                                           text, flags=re.S):
+            args = shlex.split(command)
+            if not all(Path(a).exists() for a in args[1:] if not a.startswith("-")) \
+                    and args[1] != "nowhere.yaml":
+                continue  # a file the text describes, not one of the repository
+            result = CliRunner().invoke(cli, args)
+            assert result.output == printed, (doc, command)
+            ran += 1
+    assert ran >= 3

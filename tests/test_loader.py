@@ -268,3 +268,14 @@ def test_the_json_schema_has_the_loader_limits_and_name_pattern():
     for section in ("rules", "recognition", "actions"):
         assert props[section]["propertyNames"] == {"$ref": "#/$defs/name"}
     assert defs["level"]["properties"]["name"] == {"$ref": "#/$defs/name"}
+
+
+def test_a_reference_to_a_refused_name_is_no_second_error():
+    assert problems('rules:\n  "late one": {when: event.x, points: -1}\n'
+                    '  back: {when: event.y, recovers: late one, match: id, within: 1d}\n'
+                    'levels:\n  - {name: w, below: 5, then: ["tag me"]}\n'
+                    'actions:\n  "tag me": {kind: in_purchase}\n') == [
+        "r.yaml:2:3: 'late one' is not a valid name (letters, digits, _ and -, starting "
+        "with a letter, at most 64 characters)",
+        "r.yaml:7:3: 'tag me' is not a valid name (letters, digits, _ and -, starting "
+        "with a letter, at most 64 characters)"]

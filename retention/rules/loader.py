@@ -531,6 +531,8 @@ class _Compiler:
         self.too_many = False
         #: top-level sections written misspelt in some file (``action:``)
         self.top_meant: set[str] = set()
+        #: names refused as names (reported): a reference to one is no new mistake
+        self.invalid: dict[str, set[Any]] = {k: set() for k in self.named}
 
     def _gather(self) -> None:
         seen_names: dict[str, dict[str, str]] = {k: {} for k in self.named}
@@ -560,6 +562,7 @@ class _Compiler:
                     if not valid_name(name):
                         section.error(name, f"{name!r} is not a valid name ({NAME_RULE})",
                                       at_key=True)
+                        self.invalid[key].add(name)
                         continue
                     if name in seen_names[key]:
                         section.error(name, f"{_SINGULAR[key]} {name!r} is already defined in "
@@ -701,7 +704,7 @@ class _Compiler:
             else:
                 self.v.error(s.file, pos, "an action is a name, or {name: {parameters}}")
                 continue
-            if name in self.broken_actions:
+            if name in self.broken_actions or name in self.invalid["actions"]:
                 continue  # its own declaration is reported already
             if name not in actions:
                 if "actions" in self.top_meant:
@@ -812,7 +815,9 @@ class _Compiler:
             recovery = None
             if "recovers" in s.m:
                 target = s.text("recovers")
-                if target is not None and target not in known:
+                if target is not None and target in self.invalid["rules"]:
+                    target = None  # its name is reported already
+                elif target is not None and target not in known:
                     s.error("recovers", f"unknown rule {target!r}{_suggest(target, known)}")
                     target = None
                 elif target == name:
