@@ -279,3 +279,8 @@ def test_a_reference_to_a_refused_name_is_no_second_error():
         "with a letter, at most 64 characters)",
         "r.yaml:7:3: 'tag me' is not a valid name (letters, digits, _ and -, starting "
         "with a letter, at most 64 characters)"]
+
+
+def test_a_merge_key_is_refused_at_its_position():
+    assert problems("actions:\n  a: &b {kind: service, via: x}\n  c: {<<: *b, via: y}\n") == [
+        "r.yaml:3:7: merge keys (<<) are not supported in rule files: write the keys out"]

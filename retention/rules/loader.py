@@ -95,6 +95,8 @@ class LMap(dict):
     """A mapping that remembers where it, its keys and its values were written."""
 
     pos: Pos = (1, 1)
+    #: keys of it were refused (a merge key): what it lacks is no new mistake
+    incomplete: bool = False
     key_pos: dict[Any, Pos]
     val_pos: dict[Any, Pos]
     val_offset: dict[Any, int | None]
@@ -184,6 +186,11 @@ class _Builder:
             out = LMap()
             out.pos, out.key_pos, out.val_pos, out.val_offset = _mark(node), {}, {}, {}
             for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._error(_mark(key_node), "merge keys (<<) are not supported in rule "
+                                                 "files: write the keys out")
+                    out.incomplete = True
+                    continue
                 key = self.build(key_node, depth + 1)
                 if isinstance(key, dict | list):
                     self._error(_mark(key_node), "a key must be a plain name")
@@ -234,6 +241,12 @@ def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
         return out
     try:
         data = _Builder(file, problems).build(node)
+    except yaml.MarkedYAMLError as exc:  # a value YAML cannot build, at its position
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problems.append(RuleProblem(file=file, line=line, column=col,
+                                    message=f"invalid YAML: {exc.problem or exc.context}"))
+        return None
     except yaml.YAMLError as exc:
         problems.append(RuleProblem(file=file, line=1, column=1, message=f"invalid YAML: {exc}"))
         return None
@@ -299,7 +312,8 @@ class _Section:
     def guessed(self, *keys: str) -> bool:
         """Whether one of ``keys`` is absent but was meant (written misspelt): what
         would follow from its absence or its default is not a mistake of its own."""
-        return any(key not in self.m and key in self.meant for key in keys)
+        return any(key not in self.m and (key in self.meant or self.m.incomplete)
+                   for key in keys)
 
     def needs(self, key: str, message: str) -> None:
         """Report a required ``key`` that is absent, unless it was written misspelt."""
