@@ -284,3 +284,8 @@ def test_a_reference_to_a_refused_name_is_no_second_error():
 def test_a_merge_key_is_refused_at_its_position():
     assert problems("actions:\n  a: &b {kind: service, via: x}\n  c: {<<: *b, via: y}\n") == [
         "r.yaml:3:7: merge keys (<<) are not supported in rule files: write the keys out"]
+
+
+def test_a_lone_surrogate_in_a_given_text_is_a_load_error():
+    assert problems('rules: {}\ndescription: "ab\ud800"\n') == [
+        "r.yaml:2:17: not text: a lone surrogate '\\ud800'"]

@@ -515,7 +515,14 @@ def load_texts(texts: Iterable[tuple[str, str]]) -> RuleSet:
     texts = list(texts)
     total = 0
     for name, text in texts:
-        total += len(text.encode("utf-8", "surrogatepass"))
+        try:
+            total += len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a caller's str
+            line = text.count("\n", 0, exc.start) + 1
+            column = exc.start - (text.rfind("\n", 0, exc.start) + 1) + 1
+            raise RuleFileError([RuleProblem(
+                file=name, line=line, column=column,
+                message=f"not text: a lone surrogate {text[exc.start]!r}")]) from None
         if total > MAX_BYTES:
             raise RuleFileError([_too_large(name, total, several=len(texts) > 1)])
     for name, text in texts:
