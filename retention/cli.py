@@ -110,32 +110,37 @@ def _sink_warnings(rules: Any, where: Any) -> list[str]:
 
 def _template_errors(rules: Any, where: Any, folder: Path) -> list[str]:
     """Each email decision's template, found as the email sink finds it:
-    ``<templates>/<template>.txt``, the template named by the action or in the
-    ``then`` that decides it."""
-    uses: list[tuple[str, str | None, str]] = []  # (position, template, action)
+    ``<templates>/<template>.txt``, the ``template`` a ``then`` gives the action,
+    else the action's own."""
+    from .rules.expressions import suggest
+
+    uses: dict[tuple[str, str | None], str] = {}  # (action, template) -> where written
     for action in rules.actions.values():
-        if action.via == "email":
-            uses.append((where.of("actions", action.name, "template"),
-                         action.params.get("template"), action.name))
+        if action.via == "email" and action.params.get("template"):
+            uses[(action.name, action.params["template"])] = where.of(
+                "actions", action.name, "template")
     causes = [(("rules", r.name), r.then) for r in rules.rules] + [
         (("levels", lv.name), lv.then) for lv in rules.levels] + [
         (("recognition", r.name), r.then) for r in rules.recognition]
     for path, then in causes:
         for ref in then:
-            if "template" in ref.params and rules.actions[ref.name].via == "email":
-                uses.append((where.of(*path, "then"), ref.params["template"], ref.name))
+            action = rules.actions[ref.name]
+            if action.via != "email":
+                continue
+            if "template" in ref.params:
+                uses.setdefault((ref.name, ref.params["template"]), where.of(*path, "then"))
+            elif not action.params.get("template"):
+                uses.setdefault((ref.name, None), where.of("actions", ref.name, "template"))
     existing = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+    there = (f"templates there: {', '.join(existing)}" if existing
+             else "no template there" if folder.is_dir() else "no such folder")
     errors = []
-    for position, template, action in uses:
+    for (action_name, template), position in uses.items():
         if not template:
-            errors.append(f"{position}: action {action!r} goes via email but names no "
+            errors.append(f"{position}: action {action_name!r} goes via email but names no "
                           "template (template: NAME)")
         elif not (folder / f"{template}.txt").is_file():
-            from .rules.expressions import suggest
-
-            there = (f"templates there: {', '.join(existing)}" if existing
-                     else "no template there" if folder.is_dir() else "no such folder")
-            errors.append(f"{position}: action {action!r}: no template {template!r}"
+            errors.append(f"{position}: action {action_name!r}: no template {template!r}"
                           f"{suggest(str(template), existing)}: "
                           f"{folder / f'{template}.txt'} does not exist; {there}")
     return errors

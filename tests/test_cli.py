@@ -56,23 +56,25 @@ def test_check_finds_email_templates_where_the_email_sink_does(tmp_path, monkeyp
     monkeypatch.delenv("RETENTION_EMAIL_TEMPLATES", raising=False)
     rules = _project(tmp_path, (
         "rules:\n  a: {when: event.x, then: [sorry, {sorry: {template: thanks}}]}\n"
+        "  b: {when: event.y, then: [bare, {given: {template: apology}}]}\n"
         "actions:\n  sorry: {kind: marketing, via: email, template: apolgy}\n"
-        "  bare: {kind: marketing, via: email}\n"))
+        "  bare: {kind: marketing, via: email}\n"
+        "  given: {kind: marketing, via: email}\n"))
     result = invoke("check", rules)
     assert result.exit_code == 1
     folder = tmp_path / "templates"
     assert result.stderr.splitlines() == [
-        f"{rules}:4:50: action 'sorry': no template 'apolgy' (did you mean 'apology'?): "
+        f"{rules}:5:50: action 'sorry': no template 'apolgy' (did you mean 'apology'?): "
         f"{folder / 'apolgy.txt'} does not exist; templates there: apology",
-        f"{rules}:5:3: action 'bare' goes via email but names no template (template: NAME)",
         f"{rules}:2:28: action 'sorry': no template 'thanks': {folder / 'thanks.txt'} does "
         "not exist; templates there: apology",
+        f"{rules}:6:3: action 'bare' goes via email but names no template (template: NAME)",
         "3 errors; the rules are valid, but cannot work as they are"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for name in ("apolgy", "thanks"):
+    for name in ("apolgy", "thanks", "apology"):
         (elsewhere / f"{name}.txt").write_text("Subject: x\n\nx\n")
-    rules.write_text(rules.read_text().replace("  bare: {kind: marketing, via: email}\n", ""))
+    rules.write_text(rules.read_text().replace("[bare, ", "["))
     assert invoke("check", rules, "--templates", elsewhere).exit_code == 0
     monkeypatch.setenv("RETENTION_EMAIL_TEMPLATES", str(elsewhere))
     assert invoke("check", rules).exit_code == 0

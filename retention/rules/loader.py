@@ -1,8 +1,13 @@
 """Reading rule files: YAML with positions, validated as a whole before use.
 
 Every mistake is collected and reported as ``file:line:column: message`` (with a
-suggestion for a misspelt key, rule or action name); a rule set with any mistake
-raises :class:`~retention.errors.RuleFileError` and nothing of it is used.
+suggestion for a misspelt key, rule or action name), once: what follows from a
+misspelt key's absence is not reported again. A rule set with any mistake raises
+:class:`~retention.errors.RuleFileError` and nothing of it is used.
+
+Rule files may come from anyone who can edit them, so what they can cost is
+bounded (the limits below, the size checked before a file is read), and they are
+plain YAML: an explicit tag (``!!python/object``, even ``!!str``) is an error.
 """
 
 from __future__ import annotations
