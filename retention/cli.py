@@ -174,13 +174,16 @@ def _field_warnings(rules: Any, where: Any, events_path: Path) -> list[str]:
         if reward.condition is not None:
             readers.append((("recognition", reward.name, "when"),
                             set(getattr(reward.condition, "event_fields", ()))))
+        if reward.spent is not None:  # or_spent sums the purchases' amount
+            readers.append((("recognition", reward.name, "after"), {"amount"}))
     warnings = []
     for path, fields in readers:
         what = f"{'rule' if path[0] == 'rules' else 'recognition'} {path[1]!r}"
         for field in sorted(fields - carried - set(CORE_FIELDS)):
             warnings.append(f"{where.of(*path)}: warning: {what} reads event.{field}, which "
                             f"no event in {events_path} carries{suggest(field, carried)}; "
-                            "it never matches on these events")
+                            f"{'it never adds up' if path[-1] == 'after' else 'it never matches'}"
+                            " on these events")
     return warnings
 
 
