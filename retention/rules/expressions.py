@@ -154,7 +154,6 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-
 def _fail(node: ast.AST, message: str) -> ExpressionError:
     return ExpressionError(message, getattr(node, "lineno", 1), getattr(node, "col_offset", 0) + 1)
 
