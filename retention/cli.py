@@ -60,8 +60,19 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-def check(path: Path) -> None:
-    """Validate a rule file or folder: print every mistake as file:line:column, or a summary."""
+@click.option("--events", "events_path", type=click.Path(path_type=Path),
+              help="A file of events (JSON Lines, or CSV): warn about each event field the "
+                   "rules read that no event in it carries.")
+@click.option("--templates", "templates_path", type=click.Path(path_type=Path),
+              envvar="RETENTION_EMAIL_TEMPLATES",
+              help="The email templates folder (RETENTION_EMAIL_TEMPLATES; default: "
+                   "templates/ beside the rules), as the email sink finds it.")
+def check(path: Path, events_path: Path | None, templates_path: Path | None) -> None:
+    """Validate a rule file or folder: print every mistake as file:line:column, or a summary.
+
+    Also reported: an email action whose template file does not exist (an error),
+    an action whose via no loaded sink provides, and with --events the event
+    fields no event carries (warnings: printed, exit code still 0)."""
     try:
         rules = load_rules(path)
     except RuleFileError as exc:
@@ -70,7 +81,121 @@ def check(path: Path) -> None:
         count = len(exc.problems)
         click.echo(f"{count} error{'s' if count != 1 else ''}; nothing was loaded", err=True)
         sys.exit(1)
-    click.echo(f"ok: {rules.summary()}")
+    from .rules.loader import Positions
+
+    where = Positions(rules)
+    errors = _template_errors(rules, where, templates_path or _templates(path))
+    warnings = _sink_warnings(rules, where)
+    if events_path is not None:
+        warnings += _field_warnings(rules, where, events_path)
+    for line in warnings:
+        click.echo(line, err=True)
+    for line in errors:
+        click.echo(line, err=True)
+    if errors:
+        click.echo(f"{_count(len(errors), 'errors')}; the rules are valid, but cannot work "
+                   "as they are", err=True)
+        sys.exit(1)
+    note = f" ({_count(len(warnings), 'warnings')})" if warnings else ""
+    click.echo(f"ok: {rules.summary()}{note}")
+
+
+def _sink_warnings(rules: Any, where: Any) -> list[str]:
+    """An action whose via no loaded sink provides: a plugin installed where the rules
+    run may provide it (or --route), so a warning, once per via."""
+    from . import plugins
+    from .rules.expressions import suggest
+
+    sinks = sorted(plugins.sinks())
+    by_via: dict[str, list[str]] = {}
+    for action in rules.actions.values():
+        if action.via is not None and action.via not in sinks:
+            by_via.setdefault(action.via, []).append(action.name)
+    return [
+        f"{where.of('actions', names[0], 'via')}: warning: no loaded sink provides via "
+        f"{via!r} (action{'s' if len(names) > 1 else ''} {', '.join(names)})"
+        f"{suggest(via, sinks)}; sinks: {', '.join(sinks) or 'none'}. A plugin may provide "
+        f"it where the rules run (retention plugins), or --route {via}=SINK"
+        for via, names in sorted(by_via.items())]
+
+
+def _template_errors(rules: Any, where: Any, folder: Path) -> list[str]:
+    """Each email decision's template, found as the email sink finds it:
+    ``<templates>/<template>.txt``, the ``template`` a ``then`` gives the action,
+    else the action's own."""
+    from .rules.expressions import suggest
+
+    uses: dict[tuple[str, str | None], str] = {}  # (action, template) -> where written
+    for action in rules.actions.values():
+        if action.via == "email" and action.params.get("template"):
+            uses[(action.name, action.params["template"])] = where.of(
+                "actions", action.name, "template")
+    causes = [(("rules", r.name), r.then) for r in rules.rules] + [
+        (("levels", lv.name), lv.then) for lv in rules.levels] + [
+        (("recognition", r.name), r.then) for r in rules.recognition]
+    for path, then in causes:
+        for ref in then:
+            action = rules.actions[ref.name]
+            if action.via != "email":
+                continue
+            if "template" in ref.params:
+                uses.setdefault((ref.name, ref.params["template"]), where.of(*path, "then"))
+            elif not action.params.get("template"):
+                uses.setdefault((ref.name, None), where.of("actions", ref.name, "template"))
+    existing = sorted(p.stem for p in folder.glob("*.txt")) if folder.is_dir() else []
+    there = (f"templates there: {', '.join(existing)}" if existing
+             else "no template there" if folder.is_dir() else "no such folder")
+    errors = []
+    for (action_name, template), position in uses.items():
+        if not template:
+            errors.append(f"{position}: action {action_name!r} goes via email but names no "
+                          "template (template: NAME)")
+        elif not (folder / f"{template}.txt").is_file():
+            errors.append(f"{position}: action {action_name!r}: no template {template!r}"
+                          f"{suggest(str(template), existing)}: "
+                          f"{folder / f'{template}.txt'} does not exist; {there}")
+    return errors
+
+
+def _field_warnings(rules: Any, where: Any, events_path: Path) -> list[str]:
+    """The event fields the rules read that no event of the file carries: a misspelt
+    field (event.dealy_days) never matches, and says nothing."""
+    from .models import Event
+    from .rules.expressions import suggest
+
+    _check_text_file(events_path)
+    carried: set[str] = set()
+    usable = 0
+    for item in _incoming(str(events_path), None, None, lambda n: None):
+        if isinstance(item.raw, Exception):
+            continue
+        with suppress(EventError):
+            carried.update(Event.from_dict(item.raw).props)
+            usable += 1
+    if not usable:
+        return [f"{events_path}: warning: no usable event in this file: nothing to compare "
+                "the fields the rules read with"]
+    readers: list[tuple[tuple[str, ...], set[str]]] = []
+    for rule in rules.rules:
+        fields = set(getattr(rule.condition, "event_fields", ()))
+        readers.append((("rules", rule.name, "when"), fields))
+        if rule.recovery is not None:
+            readers.append((("rules", rule.name, "match"), {rule.recovery.match}))
+    for reward in rules.recognition:
+        if reward.condition is not None:
+            readers.append((("recognition", reward.name, "when"),
+                            set(getattr(reward.condition, "event_fields", ()))))
+        if reward.spent is not None:  # or_spent sums the purchases' amount
+            readers.append((("recognition", reward.name, "after"), {"amount"}))
+    warnings = []
+    for path, fields in readers:
+        what = f"{'rule' if path[0] == 'rules' else 'recognition'} {path[1]!r}"
+        for field in sorted(fields - carried - set(CORE_FIELDS)):
+            warnings.append(f"{where.of(*path)}: warning: {what} reads event.{field}, which "
+                            f"no event in {events_path} carries{suggest(field, carried)}; "
+                            f"{'it never adds up' if path[-1] == 'after' else 'it never matches'}"
+                            " on these events")
+    return warnings
 
 
 def _read_events(handle: TextIO, name: str) -> Iterator[tuple[int, str, Any]]:
@@ -256,12 +381,19 @@ def _wall_clock() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+#: The JSON Schema of rule files, written beside them by ``init`` (an editor reads it
+#: offline), and the line that points an editor with the YAML language server at it.
+SCHEMA_NAME = "schema.json"
+SCHEMA_HINT = f"# yaml-language-server: $schema=./{SCHEMA_NAME}\n"
+
+
 @cli.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=".")
 @click.option("--force", is_flag=True, help="Overwrite an existing rules/retail.yaml.")
 def init(directory: Path, force: bool) -> None:
-    """Start a project in DIRECTORY: a rules folder with the commented retail rules
-    and their email templates, and an empty database (retention.db)."""
+    """Start a project in DIRECTORY: a rules folder with the commented retail rules,
+    the JSON Schema editors check them with, their email templates, and an empty
+    database (retention.db)."""
     from .store import StoredEngine
 
     rules_dir = directory / "rules"
@@ -271,9 +403,14 @@ def init(directory: Path, force: bool) -> None:
         if target.exists() and not force:
             click.echo(f"kept {target} (exists; --force overwrites)")
         else:
-            target.write_text(examples.RULES.read_text(encoding="utf-8"),
+            target.write_text(SCHEMA_HINT + examples.RULES.read_text(encoding="utf-8"),
                               encoding="utf-8")
             click.echo(f"wrote {target}")
+        schema = rules_dir / SCHEMA_NAME
+        if not schema.exists() or force:
+            schema.write_bytes((Path(__file__).resolve().parent / "rules" / "schema.json")
+                               .read_bytes())
+            click.echo(f"wrote {schema}")
         for template in sorted(examples.TEMPLATES.glob("*.txt")):
             written = rules_dir / "templates" / template.name
             if not written.exists() or force:

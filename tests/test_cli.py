@@ -21,7 +21,90 @@ def invoke(*args):
 def test_check_prints_a_summary_for_a_good_file():
     result = invoke("check", RETAIL)
     assert result.exit_code == 0
-    assert result.output == "ok: 1 file: 13 rules, 2 levels, 2 recognition rewards, 6 actions\n"
+    assert result.stdout == ("ok: 1 file: 13 rules, 2 levels, 2 recognition rewards, "
+                             "6 actions (2 warnings)\n")
+    # the CRM sinks of the retail rules come from a plugin where the rules run
+    assert [line.split(": warning: ")[1][:40] for line in result.stderr.splitlines()] == [
+        "no loaded sink provides via 'crm_tag' (a", "no loaded sink provides via 'crm_task' ("]
+
+
+def _project(tmp_path, rules):
+    (tmp_path / "templates").mkdir()
+    (tmp_path / "templates" / "apology.txt").write_text("Subject: sorry\n\nSorry.\n")
+    path = tmp_path / "rules.yaml"
+    path.write_text(rules)
+    return path
+
+
+def test_check_warns_about_a_via_no_loaded_sink_provides(tmp_path):
+    rules = _project(tmp_path, "rules:\n  a: {when: event.x, then: [call]}\n"
+                               "actions:\n  call: {kind: service, via: crm_tsk}\n"
+                               "  note: {kind: service, via: webhok}\n")
+    result = invoke("check", rules)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"{rules}:4:30: warning: no loaded sink provides via 'crm_tsk' (action call); "
+        "sinks: email, log, webhook. A plugin may provide it where the rules run "
+        "(retention plugins), or --route crm_tsk=SINK",
+        f"{rules}:5:30: warning: no loaded sink provides via 'webhok' (action note) "
+        "(did you mean 'webhook'?); sinks: email, log, webhook. A plugin may provide it "
+        "where the rules run (retention plugins), or --route webhok=SINK"]
+    assert result.stdout.endswith("(2 warnings)\n")
+
+
+def test_check_finds_email_templates_where_the_email_sink_does(tmp_path, monkeypatch):
+    monkeypatch.delenv("RETENTION_EMAIL_TEMPLATES", raising=False)
+    rules = _project(tmp_path, (
+        "rules:\n  a: {when: event.x, then: [sorry, {sorry: {template: thanks}}]}\n"
+        "  b: {when: event.y, then: [bare, {given: {template: apology}}]}\n"
+        "actions:\n  sorry: {kind: marketing, via: email, template: apolgy}\n"
+        "  bare: {kind: marketing, via: email}\n"
+        "  given: {kind: marketing, via: email}\n"))
+    result = invoke("check", rules)
+    assert result.exit_code == 1
+    folder = tmp_path / "templates"
+    assert result.stderr.splitlines() == [
+        f"{rules}:5:50: action 'sorry': no template 'apolgy' (did you mean 'apology'?): "
+        f"{folder / 'apolgy.txt'} does not exist; templates there: apology",
+        f"{rules}:2:28: action 'sorry': no template 'thanks': {folder / 'thanks.txt'} does "
+        "not exist; templates there: apology",
+        f"{rules}:6:3: action 'bare' goes via email but names no template (template: NAME)",
+        "3 errors; the rules are valid, but cannot work as they are"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("apolgy", "thanks", "apology"):
+        (elsewhere / f"{name}.txt").write_text("Subject: x\n\nx\n")
+    rules.write_text(rules.read_text().replace("[bare, ", "["))
+    assert invoke("check", rules, "--templates", elsewhere).exit_code == 0
+    monkeypatch.setenv("RETENTION_EMAIL_TEMPLATES", str(elsewhere))
+    assert invoke("check", rules).exit_code == 0
+
+
+def test_check_with_events_warns_about_fields_no_event_carries(tmp_path):
+    rules = _project(tmp_path, (
+        "rules:\n"
+        "  late: {when: event.type == \"delivery\" and event.dealy_days > 2, points: -3}\n"
+        "  fine: {when: event.type == \"purchase\" and event.amounts > 2, points: 1}\n"
+        "  back: {when: event.type == \"refund\", recovers: late, match: parcel, within: 2d}\n"
+        "recognition:\n  big: {after: {or_spent: 100}, then: [gift]}\n"
+        "actions:\n  gift: {kind: in_purchase}\n"))
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"id": "1", "customer": "c", "type": "purchase", "at": "2026-01-01T00:00:00Z", '
+        '"amounts": 5}\n'
+        '{"id": "2", "customer": "c", "type": "delivery", "at": "2026-01-02T00:00:00Z", '
+        '"delay_days": 4, "parcel_id": "p"}\nnot json\n')
+    result = invoke("check", rules, "--events", events)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"{rules}:2:16: warning: rule 'late' reads event.dealy_days, which no event in "
+        f"{events} carries (did you mean 'delay_days'?); it never matches on these events",
+        f"{rules}:4:63: warning: rule 'back' reads event.parcel, which no event in {events} "
+        "carries (did you mean 'parcel_id'?); it never matches on these events",
+        f"{rules}:6:16: warning: recognition 'big' reads event.amount, which no event in "
+        f"{events} carries (did you mean 'amounts'?); it never adds up on these events"]
+    assert result.stdout.endswith("(3 warnings)\n")
+    assert invoke("check", rules).stderr == ""  # without --events: nothing to compare with
 
 
 def test_check_prints_every_error_and_exits_1(tmp_path):
@@ -97,3 +180,23 @@ def test_the_event_generator_is_reproducible(tmp_path):
                        check=True, capture_output=True)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and outs[0]
+
+
+def test_the_check_examples_of_the_docs_print_what_they_say(monkeypatch):
+    import re
+    import shlex
+
+    monkeypatch.chdir(ROOT)
+    ran = 0
+    for doc in ("docs/cli.md", "docs/rules.md"):
+        text = (ROOT / doc).read_text()
+        for command, printed in re.findall(r"```\n\$ retention (check [^\n]*)\n(.*?)```",
+                                           text, flags=re.S):
+            args = shlex.split(command)
+            if not all(Path(a).exists() for a in args[1:] if not a.startswith("-")) \
+                    and args[1] != "nowhere.yaml":
+                continue  # a file the text describes, not one of the repository
+            result = CliRunner().invoke(cli, args)
+            assert result.output == printed, (doc, command)
+            ran += 1
+    assert ran >= 3

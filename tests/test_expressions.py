@@ -158,3 +158,42 @@ def test_any_text_compiles_or_is_refused_clearly(source):
     except ExpressionError:
         return
     condition(EVENT, {}, CUSTOMER)
+
+
+@pytest.mark.parametrize(("source", "column", "message"), [
+    ('event.type = "delivery"', 12, "'=' is not a comparison (did you mean '=='?)"),
+    ("event.delay_days => 2", 18, "'=>' is not an operator (did you mean '>='?)"),
+    ("event.delay_days =< 2", 18, "'=<' is not an operator (did you mean '<='?)"),
+    ("event.a > 1 && event.b", 13, "'&&' is not an operator (did you mean 'and'?)"),
+    ("event.a || event.b", 9, "'||' is not an operator (did you mean 'or'?)"),
+    ("event.a != 2 and !event.b", 18, "'!' is not an operator (did you mean 'not'?)"),
+    ("event.a > 1 AND event.b", 13, "'AND' is written in lower case (did you mean 'and'?)"),
+    ('event.note == "a=b" and event.x => 2', 33, "did you mean '>='?"),  # not in the text
+    ("event.type == delivery", 15,
+     "unknown name 'delivery' (did you mean \"delivery\" in quotes? a field is event.delivery)"),
+    ("event.type in [delivery, pickup]", 16, "did you mean \"delivery\" in quotes?"),
+    ("event.a & event.b", 1, "operator '&' is not allowed (did you mean 'and'?)"),
+    ("amount > 3", 1, "read fields as event.amount"),
+])
+def test_the_usual_slips_get_a_hint(source, column, message):
+    with pytest.raises(ExpressionError) as caught:
+        compile_condition(source)
+    assert message in str(caught.value)
+    assert (caught.value.line, caught.value.column) == (1, column)
+
+
+def test_a_slip_hint_is_placed_in_the_rule_file():
+    from retention import RuleFileError, load_texts
+
+    with pytest.raises(RuleFileError) as caught:
+        load_texts([("r.yaml", 'rules:\n  a: {when: event.type = "x", points: 1}\n')])
+    assert str(caught.value) == ("r.yaml:2:24: invalid condition: '=' is not a comparison "
+                                 "(did you mean '=='?)")
+
+
+def test_built_in_functions_check_their_arguments():
+    assert check('lower(event.sku) == "abc"', {"sku": ["ABC"]}) is False
+    assert check('upper(event.sku) == "ABC"', {"sku": "abc"}) is True
+    assert check("round(event.x, 1) == 2.5", {"x": 2.54}) is True
+    assert check("round(event.x, event.d) == 0", {"x": 12, "d": -400}) is False
+    assert check("round(event.x) == 1", {"x": True}) is False

@@ -193,3 +193,118 @@ def test_the_schema_is_shipped_with_the_package():
     from importlib.resources import files
 
     assert (files("retention.rules") / "schema.json").is_file()
+
+
+def test_dates_in_a_rule_file_are_plain_text():
+    rules = load_texts([("r.yaml", "actions:\n  a: {kind: in_purchase, params: "
+                                   "{since: 2026-01-01, code: =}}\n")])
+    assert rules.actions["a"].params == {"since": "2026-01-01", "code": "="}
+
+
+@pytest.mark.parametrize(("text", "only"), [
+    # the misspelt points read as 0, which "only negative points fade" used to report
+    ("rules:\n  late:\n    when: event.type == \"d\"\n    pionts: -10\n    fades_over: 30d\n",
+     "r.yaml:4:5: unknown key 'pionts' in rule 'late' (did you mean 'points'?)"),
+    ("rules:\n  a: {wehn: event.type == \"x\", points: 1}\n",
+     "r.yaml:2:7: unknown key 'wehn' in rule 'a' (did you mean 'when'?)"),
+    ("rules:\n  a: {when: event.x, points: -1, fades_ovr: 3d, keep: 0.5}\n",
+     "r.yaml:2:34: unknown key 'fades_ovr' in rule 'a' (did you mean 'fades_over'?)"),
+    ("rules:\n  a: {when: event.x, points: -1, fades: {rat: 5%, per: 3d}}\n",
+     "r.yaml:2:42: unknown key 'rat' in fades (did you mean 'rate'?)"),
+    ("rules:\n  a: {when: event.x, pionts: -1}\n  b: {when: event.y, recovers: a, "
+     "match: id, within: 2d}\n",
+     "r.yaml:2:22: unknown key 'pionts' in rule 'a' (did you mean 'points'?)"),
+    ("rules:\n  a: {when: event.x, points: -1}\n  b: {when: event.y, recover: a, "
+     "match: id, within: 2d}\n",
+     "r.yaml:3:22: unknown key 'recover' in rule 'b' (did you mean 'recovers'?)"),
+    ("capital: {initial: 150, mx: 200}\nlicence: {clean_for: 10d, points: 1}\n",
+     "r.yaml:1:25: unknown key 'mx' in capital (did you mean 'max'?)"),
+    ("capitol: {initial: 150, max: 200}\nlicence: {clean_for: 10d, points: 1}\n",
+     "r.yaml:1:1: unknown key 'capitol' in the rule file (did you mean 'capital'?)"),
+    ("levels:\n  - {nmae: watch, below: 50}\n",
+     "r.yaml:2:6: unknown key 'nmae' in level (did you mean 'name'?)"),
+    ("recognition:\n  r: {evry: 2, when: event.x, then: [a]}\nactions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:7: unknown key 'evry' in recognition 'r' (did you mean 'every'?)"),
+    ("recognition:\n  r: {after: {purchase: 3}, then: [a]}\nactions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:15: unknown key 'purchase' in after (did you mean 'purchases'?)"),
+    ("recognition:\n  r: {every: 2, when: event.x, thne: [a]}\n"
+     "actions:\n  a: {kind: in_purchase}\n",
+     "r.yaml:2:32: unknown key 'thne' in recognition 'r' (did you mean 'then'?)"),
+    ("rules:\n  a: {when: event.x, then: [tag]}\naction:\n  tag: {kind: service, via: crm}\n",
+     "r.yaml:3:1: unknown key 'action' in the rule file (did you mean 'actions'?)"),
+    ("actions:\n  tag: {kind: service, vai: crm}\n",
+     "r.yaml:2:24: unknown key 'vai' in action 'tag' (did you mean 'via'?)"),
+    ("silence: {after: 10d, rate_per_dy: 1}\n",
+     "r.yaml:1:23: unknown key 'rate_per_dy' in silence (did you mean 'rate_per_day'?)"),
+])
+def test_a_misspelt_key_is_one_error_with_no_knock_on(text, only):
+    assert problems(text) == [only]
+
+
+def test_a_missing_key_is_still_reported_beside_an_unrelated_unknown_one():
+    assert problems("rules:\n  a: {points: 1, colour: red}\n") == [
+        "r.yaml:2:6: rule 'a' needs 'when'",
+        "r.yaml:2:18: unknown key 'colour' in rule 'a'",
+    ]
+
+
+def test_the_json_schema_has_the_loader_limits_and_name_pattern():
+    import json
+    import re
+
+    from retention.rules.expressions import MAX_LENGTH
+    from retention.rules.loader import MAX_ENTRIES, MAX_LEVELS, valid_name
+
+    schema = json.loads((Path(__file__).resolve().parent.parent / "retention" / "rules"
+                         / "schema.json").read_text())
+    defs, props = schema["$defs"], schema["properties"]
+    pattern = re.compile(defs["name"]["pattern"])
+    for name in ("late_delivery", "r-1", "a" * 64, "a" * 65, "r1\n", "1r", "tag me", "café",
+                 "_x", ""):
+        assert (pattern.search(name) is not None) is valid_name(name), name
+    assert defs["condition"]["maxLength"] == MAX_LENGTH
+    assert {k: props[k]["maxProperties"] for k in MAX_ENTRIES} == MAX_ENTRIES
+    assert props["levels"]["maxItems"] == MAX_LEVELS
+    for section in ("rules", "recognition", "actions"):
+        assert props[section]["propertyNames"] == {"$ref": "#/$defs/name"}
+    assert defs["level"]["properties"]["name"] == {"$ref": "#/$defs/name"}
+
+
+def test_a_reference_to_a_refused_name_is_no_second_error():
+    assert problems('rules:\n  "late one": {when: event.x, points: -1}\n'
+                    '  back: {when: event.y, recovers: late one, match: id, within: 1d}\n'
+                    'levels:\n  - {name: w, below: 5, then: ["tag me"]}\n'
+                    'actions:\n  "tag me": {kind: in_purchase}\n') == [
+        "r.yaml:2:3: 'late one' is not a valid name (letters, digits, _ and -, starting "
+        "with a letter, at most 64 characters)",
+        "r.yaml:7:3: 'tag me' is not a valid name (letters, digits, _ and -, starting "
+        "with a letter, at most 64 characters)"]
+
+
+def test_a_merge_key_is_refused_at_its_position():
+    assert problems("actions:\n  a: &b {kind: service, via: x}\n  c: {<<: *b, via: y}\n") == [
+        "r.yaml:3:7: merge keys (<<) are not supported in rule files: write the keys out"]
+
+
+def test_a_lone_surrogate_in_a_given_text_is_a_load_error():
+    assert problems('rules: {}\ndescription: "ab\ud800"\n') == [
+        "r.yaml:2:17: not text: a lone surrogate '\\ud800'"]
+
+
+def test_the_examples_are_valid_under_the_json_schema_and_mistakes_are_not():
+    import json
+
+    import yaml
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((Path(__file__).resolve().parent.parent / "retention" / "rules"
+                         / "schema.json").read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    for example in ("retail.yaml", "kaufman.yaml"):
+        assert list(validator.iter_errors(yaml.safe_load((EXAMPLES / example).read_text()))) == []
+    wrong = {"rules": {"r1\n": {"when": "event.x"}, "a": {"when": "event.x", "recovers": "b"}},
+             "actions": {"c": {"kind": "service"}},
+             "recognition": {"r": {"every": 2, "then": ["c"]}},
+             "levels": [{"name": "w", "below": 5, "holdout": 1}]}
+    assert sorted("/".join(map(str, e.path)) for e in validator.iter_errors(wrong)) == [
+        "actions/c", "levels/0/holdout", "recognition/r", "rules", "rules/a", "rules/a"]

@@ -489,6 +489,22 @@ def test_init_makes_a_project_whose_rules_check_and_ingest(tmp_path, monkeypatch
     assert counts(ingested.stdout)[:3] == (20, 0, 0)
 
 
+def test_init_points_editors_at_the_json_schema_it_writes(tmp_path):
+    from retention.rules.loader import load_rules
+
+    project = tmp_path / "shop"
+    assert invoke("init", project).exit_code == 0
+    rules = project / "rules" / "retail.yaml"
+    first = rules.read_text().splitlines()[0]
+    hint = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+    assert hint, first
+    schema = (rules.parent / hint.group(1)).resolve()  # relative to the rule file
+    packaged = Path(__file__).resolve().parent.parent / "retention" / "rules" / "schema.json"
+    assert schema.read_text() == packaged.read_text()
+    assert json.loads(schema.read_text())["title"] == "retention-engine rule file"
+    assert len(load_rules(project / "rules").sources) == 1  # the schema is not a rule file
+
+
 # -- 5. reading and acting on a shop -------------------------------------------------------
 
 def test_tick_prints_the_decisions_time_made_once(shop):

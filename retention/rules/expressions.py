@@ -8,8 +8,10 @@ with an underscore, no call but a registered function, no import, no eval.
 Missing fields: a field the event lacks reads as :data:`MISSING`. Any comparison
 involving it (``==``, ``!=``, ``<``, ``in``, ``not in``...) is false, arithmetic on
 it stays missing, and it is falsy. A comparison that cannot be made (``"a" < 1``)
-is false as well, and an arithmetic error (division by zero) gives missing: a
-condition never raises at run time.
+is false as well, and an arithmetic error (division by zero, a whole number past
+64 bits) gives missing: a condition never raises at run time. Every operation does
+work bounded by the size of its operands (no ``**``, no text repetition), and a
+condition is at most MAX_LENGTH characters, so no event can make one run long.
 
 Two evaluators share these semantics: the compiled function (fast) and a small
 tree interpreter (the reference). The compiled function falls back to the
@@ -19,9 +21,9 @@ interpreter whenever Python raises, and the tests check that both agree.
 from __future__ import annotations
 
 import ast
-import copy
 import difflib
 import operator
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -93,12 +95,23 @@ class ExpressionError(ValueError):
 
 _NUMBERS = (int, float)
 
+#: Whole numbers in arithmetic stay within 64 bits (SQLite's integers): a product
+#: of event fields of thousands of digits each would take seconds per event.
+INT_LIMIT = 2**63
+
 
 def _numeric(op: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
-    """Arithmetic on numbers only: ``"ab" * 10**9`` must not build a string."""
+    """Arithmetic on numbers only: ``"ab" * 10**9`` must not build a string, and a
+    whole number past INT_LIMIT (an operand or the result) gives missing."""
     def apply(left: Any, right: Any) -> Any:
         if type(left) in _NUMBERS and type(right) in _NUMBERS:
-            return op(left, right)
+            if (type(left) is int and not -INT_LIMIT < left < INT_LIMIT) or (
+                    type(right) is int and not -INT_LIMIT < right < INT_LIMIT):
+                return MISSING
+            result = op(left, right)
+            if type(result) is int and not -INT_LIMIT < result < INT_LIMIT:
+                return MISSING
+            return result
         return MISSING
     return apply
 
@@ -135,7 +148,8 @@ _CMPOPS: dict[type, Callable[[Any, Any], Any]] = {
 }
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -149,7 +163,9 @@ class Condition:
     """A compiled condition. Call it with ``(event, props, customer)``; it returns a bool.
 
     ``event_types`` is the set of event types it can match (None: any type), used
-    to index rules by type; ``customer_fields`` the ``customer.*`` fields it reads.
+    to index rules by type; ``customer_fields`` the ``customer.*`` fields it reads,
+    ``event_fields`` the event properties (``event.FIELD`` beyond id, customer, type,
+    at and source).
     """
 
     source: str
@@ -158,6 +174,7 @@ class Condition:
     functions: dict[str, Callable[..., Any]] = attrs.field(repr=False)
     event_types: frozenset[str] | None
     customer_fields: frozenset[str]
+    event_fields: frozenset[str] = frozenset()
 
     def __call__(self, event: Any, props: Any, customer: Any) -> bool:
         return self.function(event, props, customer)
@@ -176,10 +193,14 @@ def compile_condition(source: str) -> Condition:
     try:
         tree = ast.parse(source.strip(), mode="eval")
         customer_fields: set[str] = set()
-        checked = _Checker(customer_fields).visit(tree.body)
+        event_fields: set[str] = set()
+        checked = _Checker(customer_fields, event_fields).visit(tree.body)
         functions = dict(FUNCTIONS)  # a snapshot: both evaluators call the same functions
         function = _build(checked, source, functions)
     except SyntaxError as exc:
+        slip = _slip(source.strip())
+        if slip is not None:
+            raise slip from None
         raise ExpressionError(
             f"invalid condition: {exc.msg}", exc.lineno or 1, exc.offset or 1
         ) from None
@@ -194,15 +215,55 @@ def compile_condition(source: str) -> Condition:
         tree=checked,
         event_types=_event_types(checked),
         customer_fields=frozenset(customer_fields),
+        event_fields=frozenset(event_fields),
     )
+
+
+#: The usual slips of other languages, and what the condition language writes
+#: instead; looked for (outside quoted text) only in a condition that does not parse.
+_SLIPS = (
+    (re.compile(r"=>"), "'=>' is not an operator (did you mean '>='?)"),
+    (re.compile(r"=<"), "'=<' is not an operator (did you mean '<='?)"),
+    (re.compile(r"&&"), "'&&' is not an operator (did you mean 'and'?)"),
+    (re.compile(r"\|\|"), "'||' is not an operator (did you mean 'or'?)"),
+    (re.compile(r"!(?!=)"), "'!' is not an operator (did you mean 'not'?)"),
+    (re.compile(r"(?<![=!<>])=(?!=)"), "'=' is not a comparison (did you mean '=='?)"),
+    (re.compile(r"\b(AND|OR|NOT|And|Or|Not)\b"), "{0!r} is written in lower case "
+                                                  "(did you mean {1!r}?)"),
+)
+_QUOTED = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'")
+
+
+def _slip(source: str) -> ExpressionError | None:
+    """A hint for a condition that does not parse because of a usual slip, at its
+    position; None when it is another mistake."""
+    blank = _QUOTED.sub(lambda m: " " * len(m.group()), source)  # text is not code
+    for pattern, message in _SLIPS:
+        found = pattern.search(blank)
+        if found is not None:
+            word = found.group()
+            line = blank.count("\n", 0, found.start()) + 1
+            column = found.start() - (blank.rfind("\n", 0, found.start()) + 1) + 1
+            return ExpressionError("invalid condition: " + message.format(word, word.lower()),
+                                   line, column)
+    return None
+
+
+def _unquoted(node: ast.expr) -> ast.Name | None:
+    """A bare word where a value is compared, most likely text without its quotes."""
+    if isinstance(node, ast.Name) and node.id not in _LITERAL_NAMES and \
+            node.id not in ("event", "customer") and not node.id.startswith("_"):
+        return node
+    return None
 
 
 class _Checker:
     """Walks the parsed condition, refuses what is not whitelisted, and folds the
     literal collections (so both evaluators share the same constant objects)."""
 
-    def __init__(self, customer_fields: set[str]):
+    def __init__(self, customer_fields: set[str], event_fields: set[str]):
         self.customer_fields = customer_fields
+        self.event_fields = event_fields
 
     def visit(self, node: ast.AST) -> ast.expr:
         method = getattr(self, "visit_" + type(node).__name__, None)
@@ -236,9 +297,11 @@ class _Checker:
         if base.id == "customer":
             if node.attr not in CUSTOMER_FIELDS:
                 raise _fail(node, f"customer.{node.attr} is not a customer field"
-                                  f"{_suggest(node.attr, CUSTOMER_FIELDS)}; "
+                                  f"{suggest(node.attr, CUSTOMER_FIELDS)}; "
                                   f"fields: {', '.join(CUSTOMER_FIELDS)}")
             self.customer_fields.add(node.attr)
+        elif node.attr not in EVENT_CORE:
+            self.event_fields.add(node.attr)
         return ast.Attribute(value=ast.Name(base.id, ast.Load()), attr=node.attr, ctx=ast.Load())
 
     def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
@@ -251,8 +314,9 @@ class _Checker:
 
     def visit_BinOp(self, node: ast.BinOp) -> ast.expr:
         if type(node.op) not in _BINOPS:
-            raise _fail(node, f"operator {_describe(node.op)} is not allowed "
-                              "(use + - * / // %)")
+            instead = {ast.BitAnd: " (did you mean 'and'?)", ast.BitOr: " (did you mean 'or'?)"}
+            raise _fail(node, f"operator {_describe(node.op)} is not allowed"
+                              f"{instead.get(type(node.op), ' (use + - * / // %)')}")
         return ast.BinOp(left=self.visit(node.left), op=node.op, right=self.visit(node.right))
 
     def visit_Compare(self, node: ast.Compare) -> ast.expr:
@@ -260,6 +324,17 @@ class _Checker:
             if type(op) not in _CMPOPS:
                 raise _fail(node, f"comparison {_describe(op)} is not allowed "
                                   "(use == != < <= > >= in, not in)")
+        if any(isinstance(op, ast.Eq | ast.NotEq | ast.In | ast.NotIn) for op in node.ops):
+            # event.type == delivery: a word that can only be text; but for
+            # amount > 3 the existing hint (event.amount) is the likely one
+            for side in (node.left, *node.comparators):
+                items = side.elts if isinstance(side, ast.List | ast.Tuple | ast.Set) else [side]
+                for item in items:
+                    word = _unquoted(item)
+                    if word is not None:
+                        raise _fail(word, f"unknown name {word.id!r} (did you mean "
+                                          f'"{word.id}" in quotes? a field is '
+                                          f"event.{word.id})")
         return ast.Compare(left=self.visit(node.left), ops=node.ops,
                            comparators=[self.visit(c) for c in node.comparators])
 
@@ -268,7 +343,7 @@ class _Checker:
             raise _fail(node, "only registered functions can be called, like len(event.sku)")
         name = node.func.id
         if name.startswith("_") or name not in FUNCTIONS:
-            raise _fail(node, f"unknown function {name!r}{_suggest(name, FUNCTIONS)}; "
+            raise _fail(node, f"unknown function {name!r}{suggest(name, FUNCTIONS)}; "
                               f"functions: {', '.join(sorted(FUNCTIONS))}")
         if node.keywords:
             raise _fail(node, "keyword arguments are not allowed")
@@ -330,7 +405,14 @@ def _event_types(tree: ast.expr) -> frozenset[str] | None:
 # -- the compiled evaluator ----------------------------------------------------------
 
 class _Lowering(ast.NodeTransformer):
-    """Rewrites a checked tree into plain Python over (ev, pr, cu)."""
+    """Rewrites a checked tree into plain Python over (ev, pr, cu). It builds new
+    nodes and never changes the checked tree, which the interpreter keeps."""
+
+    def visit_BoolOp(self, node: ast.BoolOp) -> ast.expr:
+        return ast.BoolOp(op=node.op, values=[self.visit(v) for v in node.values])
+
+    def visit_Tuple(self, node: ast.Tuple) -> ast.expr:
+        return ast.Tuple(elts=[self.visit(e) for e in node.elts], ctx=ast.Load())
 
     def visit_Attribute(self, node: ast.Attribute) -> ast.expr:
         assert isinstance(node.value, ast.Name)
@@ -404,7 +486,7 @@ def _build(tree: ast.expr, source: str, functions: dict[str, Callable[..., Any]]
            ) -> Callable[[Any, Any, Any], bool]:
     lowering = _Lowering()
     lowering.constants = {}  # type: ignore[attr-defined]
-    body = lowering.visit(copy.deepcopy(tree))
+    body = lowering.visit(tree)
     args = ast.arguments(posonlyargs=[], args=[ast.arg("ev"), ast.arg("pr"), ast.arg("cu")],
                          kwonlyargs=[], kw_defaults=[], defaults=[])
     handler = ast.ExceptHandler(

@@ -1,8 +1,13 @@
 """Reading rule files: YAML with positions, validated as a whole before use.
 
 Every mistake is collected and reported as ``file:line:column: message`` (with a
-suggestion for a misspelt key, rule or action name); a rule set with any mistake
-raises :class:`~retention.errors.RuleFileError` and nothing of it is used.
+suggestion for a misspelt key, rule or action name), once: what follows from a
+misspelt key's absence is not reported again. A rule set with any mistake raises
+:class:`~retention.errors.RuleFileError` and nothing of it is used.
+
+Rule files may come from anyone who can edit them, so what they can cost is
+bounded (the limits below, the size checked before a file is read), and they are
+plain YAML: an explicit tag (``!!python/object``, even ``!!str``) is an error.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import attrs
 import yaml
@@ -65,7 +70,28 @@ KEYS: dict[str, tuple[str, ...]] = {
     "action": ("kind", "via", "template", "params", "max_age", "description"),
 }
 _SINGULAR = {"rules": "rule", "recognition": "recognition", "actions": "action"}
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+#: Names of rules, levels, recognition rewards and actions: they end up in decision
+#: ids, logs, CSV columns and URLs, so no spaces, line breaks or punctuation.
+NAME_LENGTH = 64
+_NAME = re.compile(rf"[A-Za-z][A-Za-z0-9_\-]{{0,{NAME_LENGTH - 1}}}")
+NAME_RULE = (f"letters, digits, _ and -, starting with a letter, at most {NAME_LENGTH} "
+             "characters")
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME.fullmatch(name) is not None
+
+
+# -- limits ----------------------------------------------------------------------------
+
+#: The rule files of a rule set together (checked before any is parsed).
+MAX_BYTES = 2**20
+#: Entries of each named section across all files, and levels.
+MAX_ENTRIES = {"rules": 1000, "recognition": 1000, "actions": 1000}
+MAX_LEVELS = 100
+#: How deep mappings and lists may nest (a rule file needs about six).
+MAX_DEPTH = 32
 
 
 # -- YAML with positions ---------------------------------------------------------------
@@ -74,6 +100,8 @@ class LMap(dict):
     """A mapping that remembers where it, its keys and its values were written."""
 
     pos: Pos = (1, 1)
+    #: keys of it were refused (a merge key): what it lacks is no new mistake
+    incomplete: bool = False
     key_pos: dict[Any, Pos]
     val_pos: dict[Any, Pos]
     val_offset: dict[Any, int | None]
@@ -103,7 +131,37 @@ def _text_offset(node: yaml.Node) -> int | None:
 MAX_NODES = 100_000
 
 
+class _RuleYAML(yaml.SafeLoader):
+    """YAML's safe loader that remembers which nodes carry an explicit tag (``!!str``,
+    ``!!python/object``...), so the builder refuses them at their position instead of
+    silently dropping or obeying them, and that reads dates as plain text (a rule file
+    holds no timestamps; a ``2026-01-01`` in params stays JSON)."""
+
+    yaml_implicit_resolvers: ClassVar[dict[str, list[Any]]] = {
+        first: [(tag, regexp) for tag, regexp in resolvers
+                if tag not in ("tag:yaml.org,2002:timestamp", "tag:yaml.org,2002:value")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        tag = getattr(event, "tag", None)  # an alias event has none
+        node = super().compose_node(parent, index)
+        if tag is not None:
+            node.explicit_tag = tag
+        return node
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag.removeprefix("tag:yaml.org,2002:") if tag.startswith("tag:yaml.org,") \
+        else tag
+
+
 class _TooBig(Exception):
+    pass
+
+
+class _TooDeep(Exception):
     pass
 
 
@@ -111,25 +169,41 @@ class _Builder:
     def __init__(self, file: str, problems: list[RuleProblem]):
         self.file = file
         self.problems = problems
-        self.constructor = yaml.SafeLoader("")
+        self.constructor = _RuleYAML("")
         self.built = 0
 
-    def build(self, node: yaml.Node) -> Any:
+    def build(self, node: yaml.Node, depth: int = 0) -> Any:
         self.built += 1
         if self.built > MAX_NODES:
             raise _TooBig
+        if depth > MAX_DEPTH:
+            raise _TooDeep(_mark(node))
+        tag = getattr(node, "explicit_tag", None)
+        if tag is not None:
+            self._error(_mark(node), f"YAML tag {_tag_name(tag)!r} is not allowed in a rule "
+                                     "file: write plain values (quote a text, \"5\")")
+            if isinstance(node, yaml.ScalarNode):  # read as if untagged: no knock-on error
+                plain = node.style is None
+                node = yaml.ScalarNode(
+                    self.constructor.resolve(yaml.ScalarNode, node.value, (plain, not plain)),
+                    node.value, node.start_mark, node.end_mark, style=node.style)
         if isinstance(node, yaml.MappingNode):
             out = LMap()
             out.pos, out.key_pos, out.val_pos, out.val_offset = _mark(node), {}, {}, {}
             for key_node, value_node in node.value:
-                key = self.build(key_node)
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._error(_mark(key_node), "merge keys (<<) are not supported in rule "
+                                                 "files: write the keys out")
+                    out.incomplete = True
+                    continue
+                key = self.build(key_node, depth + 1)
                 if isinstance(key, dict | list):
                     self._error(_mark(key_node), "a key must be a plain name")
                     continue
                 if key in out:
                     self._error(_mark(key_node), f"duplicate key {key!r}")
                     continue
-                out[key] = self.build(value_node)
+                out[key] = self.build(value_node, depth + 1)
                 out.key_pos[key] = _mark(key_node)
                 out.val_pos[key] = _mark(value_node)
                 out.val_offset[key] = _text_offset(value_node)
@@ -138,7 +212,7 @@ class _Builder:
             items = LList()
             items.pos, items.item_pos, items.item_offset = _mark(node), [], []
             for item in node.value:
-                items.append(self.build(item))
+                items.append(self.build(item, depth + 1))
                 items.item_pos.append(_mark(item))
                 items.item_offset.append(_text_offset(item))
             return items
@@ -151,7 +225,7 @@ class _Builder:
 
 def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_RuleYAML)
     except RecursionError:
         problems.append(RuleProblem(file=file, line=1, column=1,
                                     message="invalid YAML: nested too deeply"))
@@ -172,8 +246,19 @@ def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
         return out
     try:
         data = _Builder(file, problems).build(node)
+    except yaml.MarkedYAMLError as exc:  # a value YAML cannot build, at its position
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problems.append(RuleProblem(file=file, line=line, column=col,
+                                    message=f"invalid YAML: {exc.problem or exc.context}"))
+        return None
     except yaml.YAMLError as exc:
         problems.append(RuleProblem(file=file, line=1, column=1, message=f"invalid YAML: {exc}"))
+        return None
+    except _TooDeep as exc:
+        line, column = exc.args[0]
+        problems.append(RuleProblem(file=file, line=line, column=column,
+                                    message=f"nested more than {MAX_DEPTH} levels deep"))
         return None
     except (_TooBig, RecursionError, MemoryError):
         problems.append(RuleProblem(
@@ -208,6 +293,10 @@ class _Section:
 
     def __init__(self, owner: _Validator, file: str, mapping: LMap, where: str):
         self.owner, self.file, self.m, self.where = owner, file, mapping, where
+        #: known keys an unknown key was probably meant to be (``pionts``: points);
+        #: their absence is reported once, as that unknown key, and nothing else is
+        #: derived from it (no "needs 'points'", no check against the default)
+        self.meant: set[str] = set()
 
     def error(self, key: str | None, message: str, *, at_key: bool = False) -> None:
         if key is None or key not in self.m.key_pos:
@@ -222,6 +311,19 @@ class _Section:
             if key not in allowed:
                 self.error(key, f"unknown key {key!r} in {self.where}{_suggest(key, allowed)}",
                            at_key=True)
+                self.meant.update(difflib.get_close_matches(str(key), allowed, n=1,
+                                                            cutoff=0.6))
+
+    def guessed(self, *keys: str) -> bool:
+        """Whether one of ``keys`` is absent but was meant (written misspelt): what
+        would follow from its absence or its default is not a mistake of its own."""
+        return any(key not in self.m and (key in self.meant or self.m.incomplete)
+                   for key in keys)
+
+    def needs(self, key: str, message: str) -> None:
+        """Report a required ``key`` that is absent, unless it was written misspelt."""
+        if not self.guessed(key):
+            self.error(None, message)
 
     def has(self, key: str) -> bool:
         return key in self.m
@@ -234,7 +336,7 @@ class _Section:
                strict_low: bool = False) -> float | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return default
         value = self.m[key]
         if not _is_number(value):
@@ -252,7 +354,7 @@ class _Section:
     def integer(self, key: str, *, low: int, required: bool = False) -> int | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return None
         value = self.m[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -263,7 +365,7 @@ class _Section:
     def duration(self, key: str, *, required: bool = False) -> float | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r} (a duration like 30d)")
+                self.needs(key, f"{self.where} needs {key!r} (a duration like 30d)")
             return None
         try:
             seconds = parse_duration(self.m[key])
@@ -304,7 +406,7 @@ class _Section:
     def text(self, key: str, *, required: bool = False) -> str | None:
         if key not in self.m:
             if required:
-                self.error(None, f"{self.where} needs {key!r}")
+                self.needs(key, f"{self.where} needs {key!r}")
             return None
         value = self.m[key]
         if not isinstance(value, str) or not value.strip():
@@ -372,7 +474,17 @@ def _read_sources(path: Path, problems: list[RuleProblem]) -> list[SourceFile]:
                                     message="no such file or folder"))
         files = []
     sources = []
+    total = 0
     for file in files:
+        try:
+            total += file.stat().st_size
+        except OSError as exc:
+            problems.append(RuleProblem(file=str(file), line=1, column=1,
+                                        message=f"cannot read: {exc}"))
+            continue
+        if total > MAX_BYTES:  # refused before reading: no parse of 100 MB of comments
+            problems.append(_too_large(str(file), total, several=len(files) > 1))
+            return []
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -382,6 +494,13 @@ def _read_sources(path: Path, problems: list[RuleProblem]) -> list[SourceFile]:
         sources.append(SourceFile(path=str(file), text=text,
                                   sha256=hashlib.sha256(text.encode()).hexdigest()))
     return sources
+
+
+def _too_large(file: str, size: int, *, several: bool) -> RuleProblem:
+    what = "the rule files up to this one hold" if several else "this rule file holds"
+    return RuleProblem(file=file, line=1, column=1,
+                       message=f"too large: {what} {size:,} bytes; a rule set is limited to "
+                               f"{MAX_BYTES:,} bytes (1 MiB)")
 
 
 def load_rules(path: str | Path) -> RuleSet:
@@ -398,6 +517,19 @@ def load_texts(texts: Iterable[tuple[str, str]]) -> RuleSet:
     v = _Validator()
     parsed: list[tuple[str, LMap]] = []
     sources: list[SourceFile] = []
+    texts = list(texts)
+    total = 0
+    for name, text in texts:
+        try:
+            total += len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:  # a lone surrogate, from a caller's str
+            line = text.count("\n", 0, exc.start) + 1
+            column = exc.start - (text.rfind("\n", 0, exc.start) + 1) + 1
+            raise RuleFileError([RuleProblem(
+                file=name, line=line, column=column,
+                message=f"not text: a lone surrogate {text[exc.start]!r}")]) from None
+        if total > MAX_BYTES:
+            raise RuleFileError([_too_large(name, total, several=len(texts) > 1)])
     for name, text in texts:
         sources.append(SourceFile(path=name, text=text,
                                   sha256=hashlib.sha256(text.encode()).hexdigest()))
@@ -421,12 +553,19 @@ class _Compiler:
         self.named: dict[str, list[tuple[str, _Section]]] = {
             "rules": [], "recognition": [], "actions": []}
         self.levels: list[tuple[_Section, int]] = []
+        #: a section past its limit: nothing more is checked (it could take long)
+        self.too_many = False
+        #: top-level sections written misspelt in some file (``action:``)
+        self.top_meant: set[str] = set()
+        #: names refused as names (reported): a reference to one is no new mistake
+        self.invalid: dict[str, set[Any]] = {k: set() for k in self.named}
 
     def _gather(self) -> None:
         seen_names: dict[str, dict[str, str]] = {k: {} for k in self.named}
         for file, data in self.parsed:
             top = _Section(self.v, file, data, "the rule file")
             top.only(TOP_KEYS)
+            self.top_meant |= top.meant
             for key in ("capital", "silence", "licence", "pressure", "consent"):
                 section = top.mapping(key, key)
                 if section is None:
@@ -440,10 +579,16 @@ class _Compiler:
                 section = top.mapping(key, key)
                 if section is None:
                     continue
+                if len(self.named[key]) + len(section.m) > MAX_ENTRIES[key]:
+                    top.error(key, f"too many {key}: a rule set has at most "
+                                   f"{MAX_ENTRIES[key]:,}", at_key=True)
+                    self.too_many = True
+                    continue
                 for name in section.m:
-                    if not isinstance(name, str) or not _NAME.match(name):
-                        section.error(name, f"{name!r} is not a valid name (letters, digits, "
-                                            "_ and -, starting with a letter)", at_key=True)
+                    if not valid_name(name):
+                        section.error(name, f"{name!r} is not a valid name ({NAME_RULE})",
+                                      at_key=True)
+                        self.invalid[key].add(name)
                         continue
                     if name in seen_names[key]:
                         section.error(name, f"{_SINGULAR[key]} {name!r} is already defined in "
@@ -472,6 +617,11 @@ class _Compiler:
             if not isinstance(levels, LList):
                 top.error("levels", "levels must be a list like - {name: watch, below: 55}")
                 continue
+            if len(self.levels) + len(levels) > MAX_LEVELS:
+                top.error("levels", f"too many levels: a rule set has at most {MAX_LEVELS}",
+                          at_key=True)
+                self.too_many = True
+                continue
             for index, item in enumerate(levels):
                 if not isinstance(item, LMap):
                     self.v.error(file, levels.item_pos[index],
@@ -481,6 +631,8 @@ class _Compiler:
 
     def compile(self, sources: tuple[SourceFile, ...]) -> RuleSet | None:
         self._gather()
+        if self.too_many:
+            return None
         capital = self._capital()
         actions = self._actions()
         rules = self._rules(actions)
@@ -543,7 +695,9 @@ class _Compiler:
         high = s.number("max", 100.0)
         initial = s.number("initial", 70.0)
         opens = s.names("opens_on") or frozenset({"purchase"})
-        if low is not None and high is not None and low >= high:
+        if s.guessed("min", "max", "initial"):
+            pass  # a bound written misspelt: its default proves nothing
+        elif low is not None and high is not None and low >= high:
             s.error("max", f"max ({high:g}) must be more than min ({low:g})")
         elif initial is not None and low is not None and high is not None and \
                 not low <= initial <= high:
@@ -576,9 +730,11 @@ class _Compiler:
             else:
                 self.v.error(s.file, pos, "an action is a name, or {name: {parameters}}")
                 continue
-            if name in self.broken_actions:
+            if name in self.broken_actions or name in self.invalid["actions"]:
                 continue  # its own declaration is reported already
             if name not in actions:
+                if "actions" in self.top_meant:
+                    continue  # the actions section itself is misspelt: reported there
                 declared = self.declared_actions
                 hint = _suggest(name, declared)
                 self.v.error(s.file, pos, f"unknown action {name!r}{hint}; declare it "
@@ -638,7 +794,7 @@ class _Compiler:
             return None
         inner.only(KEYS["fades"])
         if "rate" not in inner.m:
-            inner.error(None, "fades needs a rate, like {rate: 5%, per: 30d}")
+            inner.needs("rate", "fades needs a rate, like {rate: 5%, per: 30d}")
             return None
         rate = inner.share("rate")
         per = inner.duration("per", required=True)
@@ -649,14 +805,16 @@ class _Compiler:
 
     def _rules(self, actions: dict[str, Action]) -> list[Rule]:
         known = [name for name, _ in self.named["rules"]]
-        points_of: dict[str, float] = {}
+        #: the points of each rule; None when they are written misspelt (unknown)
+        points_of: dict[str, float | None] = {}
         for name, s in self.named["rules"]:
+            s.only(KEYS["rule"])
             value = s.m.get("points", 0)
-            points_of[name] = value if _is_number(value) else 0
+            points_of[name] = None if s.guessed("points") else (
+                value if _is_number(value) else 0)
         recovered: dict[str, list[str]] = {}
         rules: list[Rule] = []
         for name, s in self.named["rules"]:
-            s.only(KEYS["rule"])
             if "pattern" in s.m:
                 s.error("pattern", "multi-event pattern rules are not available in this "
                                    "version yet; write a single-event rule with 'when'",
@@ -666,11 +824,13 @@ class _Compiler:
             points = s.number("points", 0.0)
             fade = self._fade(s)
             keep = 0.0
-            if fade is not None and points is not None and points >= 0:
+            if fade is not None and points is not None and points >= 0 and \
+                    not s.guessed("points"):
                 s.error("points", "only negative points fade: goodwill is banked")
             if "keep" in s.m:
-                if fade is None and not any(k in s.m for k in ("fades_over", "half_life",
-                                                               "fades")):
+                fades = ("fades_over", "half_life", "fades")
+                if fade is None and not any(k in s.m for k in fades) and \
+                        not s.guessed(*fades):
                     s.error("keep", "keep needs a fade (fades_over, half_life or fades)",
                             at_key=True)
                 else:
@@ -686,13 +846,16 @@ class _Compiler:
             recovery = None
             if "recovers" in s.m:
                 target = s.text("recovers")
-                if target is not None and target not in known:
+                if target is not None and target in self.invalid["rules"]:
+                    target = None  # its name is reported already
+                elif target is not None and target not in known:
                     s.error("recovers", f"unknown rule {target!r}{_suggest(target, known)}")
                     target = None
                 elif target == name:
                     s.error("recovers", "a rule cannot recover itself")
                     target = None
-                elif target is not None and points_of.get(target, 0) >= 0:
+                elif target is not None and points_of[target] is not None and \
+                        points_of[target] >= 0:
                     s.error("recovers", f"rule {target!r} takes no points, so there is "
                                         "nothing to recover")
                     target = None
@@ -704,7 +867,7 @@ class _Compiler:
                     recovery = Recovery(rule=target, match=match, within=within,
                                         refund=refund, bonus=bonus)
                     recovered.setdefault(target, []).append(match)
-            else:
+            elif not s.guessed("recovers"):
                 for key in ("match", "within", "refund", "bonus"):
                     if key in s.m:
                         s.error(key, f"{key} only makes sense with recovers: RULE", at_key=True)
@@ -733,6 +896,9 @@ class _Compiler:
         for s, _ in self.levels:
             s.only(KEYS["level"])
             name = s.text("name", required=True)
+            if name is not None and not valid_name(name):
+                s.error("name", f"{name!r} is not a valid name ({NAME_RULE})")
+                name = None
             if name is not None:
                 if name in seen:
                     s.error("name", f"level {name!r} is defined twice")
@@ -756,13 +922,14 @@ class _Compiler:
         for name, s in self.named["recognition"]:
             s.only(KEYS["recognition"])
             then = self._then(s, actions)
-            if not s.m.get("then"):
+            if not s.m.get("then") and not s.guessed("then"):
                 s.error("then" if "then" in s.m else None,
                         f"recognition {name!r} needs then: [at least one action]")
             has_every, has_after = "every" in s.m, "after" in s.m
             if has_every == has_after:
-                s.error(None, f"recognition {name!r} needs exactly one of every: N "
-                              "or after: {purchases, or_spent, within}")
+                if has_every or not s.guessed("every", "after"):
+                    s.error(None, f"recognition {name!r} needs exactly one of every: N "
+                                  "or after: {purchases, or_spent, within}")
                 continue
             if has_every:
                 every = s.integer("every", low=1)
@@ -780,7 +947,8 @@ class _Compiler:
             spent = inner.number("or_spent", low=0.0, strict_low=True)
             within = inner.duration("within")
             if "purchases" not in inner.m and "or_spent" not in inner.m:
-                inner.error(None, "after needs purchases: N, or_spent: AMOUNT, or both")
+                if not inner.guessed("purchases", "or_spent"):
+                    inner.error(None, "after needs purchases: N, or_spent: AMOUNT, or both")
                 continue
             if then and (purchases or spent):
                 out.append(Recognition(name=name, then=then, condition=condition,
@@ -807,7 +975,10 @@ class _Compiler:
         clean = s.duration("clean_for", required=True)
         points = s.number("points", required=True, low=0.0, strict_low=True)
         up_to = s.number("up_to", capital.initial)
-        if up_to is not None and not capital.min <= up_to <= capital.max:
+        written = self.single.get("capital")
+        if "capital" in self.top_meant or (written and written.guessed("min", "max", "initial")):
+            pass  # capital is written misspelt: its bounds (and up_to's default) are unknown
+        elif up_to is not None and not capital.min <= up_to <= capital.max:
             s.error("up_to", f"up_to ({up_to:g}) must lie between capital min ({capital.min:g}) "
                              f"and max ({capital.max:g})")
             up_to = None
@@ -840,6 +1011,40 @@ class _Compiler:
         if both:
             s.error("restore_on", f"{sorted(both)[0]!r} cannot both withdraw and restore consent")
         return Consent(withdraw_on=withdraw, restore_on=restore)
+
+
+class Positions:
+    """Where the parts of a loaded rule set are written, for messages about it after
+    loading (``retention check``): ``of("actions", "call_customer", "via")`` is
+    ``"rules/retail.yaml:71:47"``. A level is found by its name. The files are
+    parsed again on the first question only."""
+
+    def __init__(self, rules: RuleSet):
+        self.sources = rules.sources
+        self._parsed: list[tuple[str, LMap]] | None = None
+
+    def of(self, *path: str) -> str:
+        """The position of the value at ``path``; of the nearest part of it written
+        when the value itself is not (an action with no ``template``)."""
+        if self._parsed is None:
+            self._parsed = [(s.path, data) for s in self.sources
+                            if (data := _parse(s.path, s.text, [])) is not None]
+        for file, data in self._parsed:
+            node: Any = data
+            near: Pos | None = None
+            for key in path[:-1]:
+                if isinstance(node, LList):  # the levels: by name
+                    node = next((i for i in node if isinstance(i, LMap)
+                                 and i.get("name") == key), None)
+                    near = node.pos if node is not None else near
+                elif isinstance(node, LMap) and key in node:
+                    near, node = node.key_pos[key], node[key]
+                else:
+                    node = None
+            if isinstance(node, LMap):
+                line, column = node.val_pos.get(path[-1], near or node.pos)
+                return f"{file}:{line}:{column}"
+        return self.sources[0].path if self.sources else "rules"
 
 
 def _plain(value: Any) -> Any:
