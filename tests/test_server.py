@@ -619,8 +619,13 @@ def test_a_customer_page_gets_capital_level_and_the_explained_ledger(server):
     assert "complaint: -12 points" in info["ledger"][2]["reason"]
     earlier = server.get("/customers/dan?at=2026-03-02T12:00:00Z").body
     assert earlier["capital"] == 60.0 and len(earlier["ledger"]) == 3
+    # before the second complaint fired watch, dan was in no level
+    assert earlier["level"] is None and info["level"] == "watch"
     now = server.get("/customers/dan").body  # at the server's clock: silence has drained it
     assert now["capital"] < 48.0
+    # what time did since (silence) is in the ledger, not settled: it adds up
+    assert sum(e["points"] for e in now["ledger"]) == pytest.approx(now["capital"], abs=1e-6)
+    assert "silence" in [e["rule"] for e in now["ledger"] if not e["settled"]]
 
 
 def test_an_unknown_customer_is_404_and_a_bad_time_400(server):
