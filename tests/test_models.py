@@ -8,16 +8,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from retention import Engine, Event, EventError
-from retention.models import _checked
+from retention.models import MAX_NUMBER, _checked
 
-JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+JSON = st.recursive(st.one_of(st.none(), st.booleans(),
+                              st.integers(-MAX_NUMBER, MAX_NUMBER), st.text(max_size=8)),
                     lambda inner: st.lists(inner, max_size=3), max_leaves=5)
+#: times inside the supported range, whatever their zone's offset
+TIMES = st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2199, 12, 30),
+                     timezones=st.timezones())
 
 
 @given(st.fixed_dictionaries(
     {"id": st.text(min_size=1, max_size=6), "customer": st.text(min_size=1, max_size=6),
      "type": st.sampled_from(["purchase", "delivery"]),
-     "at": st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())},
+     "at": TIMES.map(lambda d: d.isoformat())},
     optional={"source": st.text(max_size=5), "amount": JSON, "sku": JSON}))
 def test_the_quick_path_builds_the_same_event_as_the_constructor(raw):
     quick = _checked(dict(raw), "")
