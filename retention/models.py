@@ -108,24 +108,28 @@ def unfit_property(props: Mapping[str, Any]) -> tuple[str, str] | None:
     """The first property value (or name) an event cannot hold, as (where, why), or
     None. Nested lists and objects are looked through; other Python objects given
     through the API are left to the store, which keeps only JSON."""
-    for key, value in props.items():
+    # the common case answered quickly: plain values, names all ASCII
+    for value in props.values():
         kind = type(value)
         if kind is str:
             if value.isascii():
                 continue
-        elif kind is int or kind is float:
+        elif kind is float or kind is int:
             if -MAX_NUMBER <= value <= MAX_NUMBER:
                 continue
-        elif kind is bool or value is None:
+        elif value is None or kind is bool:
             continue
+        break
+    else:
+        try:
+            if "".join(props).isascii():
+                return None
+        except TypeError:  # (a name that is not a string, given through the API)
+            pass
+    for key, value in props.items():
         problem = _unfit_key(key) or _unfit_value(str(key), value)
         if problem is not None:
             return problem
-    for key in props:  # (names are ASCII but for a few: looked at apart, quickly)
-        if type(key) is str and not key.isascii():
-            problem = _unfit_key(key)
-            if problem is not None:
-                return problem
     return None
 
 
@@ -204,7 +208,10 @@ def source_of(raw: Mapping[str, Any], default: str = "") -> str:
     src = raw.get("source") or default
     if isinstance(src, int) and not isinstance(src, bool) and number_problem(src):
         return ""  # (the event is refused: no source to name it by)
-    return str(src) if src else ""
+    try:
+        return str(src) if src else ""
+    except ValueError:  # (a value holding a number of more digits than Python writes)
+        return ""
 
 
 def id_of(raw: Mapping[str, Any]) -> str | None:
@@ -297,6 +304,10 @@ class Event:
             at = parse_instant(raw["at"])
         except TimeFormatError as exc:
             raise EventError(f"field 'at': {exc}", field="at", event_id=event_id) from None
+        given = raw.get("source")
+        if isinstance(given, int) and not isinstance(given, bool) and number_problem(given):
+            raise EventError(f"field 'source': {number_problem(given)}", field="source",
+                             event_id=event_id)
         props = {k: v for k, v in raw.items() if k not in CORE_FIELDS}
         event = cls(
             id=event_id,

@@ -171,14 +171,29 @@ def _dumps(value: Any) -> str:
 
 def _letter_text(raw: Any) -> str:
     """The text a dead letter keeps of an input given as a value (through the API):
-    its JSON, or what Python says of it when it is no JSON at all."""
+    its JSON, with what JSON cannot write (a cycle, a whole number of more digits
+    than Python writes, mixed keys) written as a note in its place."""
     try:
         return _dumps(raw)
-    except (TypeError, ValueError, RecursionError):  # (a cycle, mixed keys, too deep)
-        try:
-            return repr(raw)[:10_000]
-        except RecursionError:
-            return f"(a {type(raw).__name__} nested too deeply to write)"
+    except (TypeError, ValueError, RecursionError):
+        return _dumps(_writable(raw, 0, set()))
+
+
+def _writable(value: Any, depth: int, seen: set[int]) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 14_000:  # (over 4,200 digits: more than Python writes)
+            return f"(a whole number of about {int(value.bit_length() * 0.30103)} digits)"
+        return value
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if depth > 100:
+        return "(nested too deeply to write)"
+    if id(value) in seen:
+        return "(a value holding itself)"
+    seen = seen | {id(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _writable(v, depth + 1, seen) for k, v in value.items()}
+    return [_writable(v, depth + 1, seen) for v in value]
 
 
 def _rules_hash(rules: RuleSet) -> str:
