@@ -467,10 +467,12 @@ def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
 
 
 def _count(n: int, plural: str) -> str:
-    """``1 event``, ``2 events`` (plural given, with underscores for spaces)."""
+    """``1 event``, ``2 events``, ``1 alias`` (plural given, with underscores for
+    spaces)."""
     word = plural.replace("_", " ")
     if n == 1:
-        word = word[:-1] if not word.endswith("ies") else word[:-3] + "y"
+        word = word[:-3] + "y" if word.endswith("ies") else \
+            word[:-2] if word.endswith("ses") else word[:-1]
     return f"{n} {word}"
 
 

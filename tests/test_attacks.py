@@ -457,6 +457,133 @@ def test_numbers_past_the_bound_are_dead_letters_in_json_lines_and_the_library(t
 
 # 10. forget leaves no trace.
 
+_WHO, _EMAIL = "cust-priv-1", "email:ann@example.com"
+#: dead letters that name the customer, each in another spelling
+_NAMING = [
+    # escaped, in a field that is not the customer
+    r'{"id": "d1", "customer": "x", "type": "purchase", "referrer": "cust\u002dpriv-1"}',
+    # escaped, in a line that is not JSON at all (cut short)
+    r'{"id": "d2", "customer": "cust\u002dpriv\u002d1", "type": "purch',
+    # only the address, in free text, in another case
+    '{"id": "d3", "customer": "zz", "type": "complaint", "text": "Ann@Example.com wrote"}',
+    # the id in free text
+    '{"id": "d4", "customer": "zz", "type": "complaint", "text": "about cust-priv-1, again"}',
+    # the address JSON-escaped in free text
+    r'{"id": "d5", "customer": "zz", "type": "note", "text": "mail ann\u0040example.com"}',
+]
+#: dead letters of others, whose identifiers only look alike
+_OTHERS = [
+    '{"id": "u1", "customer": "cust-priv-10", "type": "purchase"}',
+    '{"id": "u2", "customer": "zz", "type": "note", "text": "joann@example.com, cust-priv-1x"}',
+    '{"id": "u3", "customer": "ann@example.community", "type": "purchase"}',
+]
+#: what must not remain in the file: the id and the address, in any JSON spelling
+_TRACES = [re.compile(rb"cust(-|\\u002d)priv(-|\\u002d)1(?![0-9x])"),
+           re.compile(rb"(?i)(?<![a-z])ann(@|\\u0040)example\.com(?!\.?[a-z])")]
+
+
+def _file_bytes(db):
+    return b"".join(p.read_bytes() for p in sorted(db.parent.iterdir())
+                    if p.name.startswith(db.name))
+
+
+def _private_customer(store):
+    from retention.errors import LineError
+    from retention.models import parse_json_line
+    from retention.store import Incoming
+
+    store.ingest([_purchase("p1", _WHO, "2026-01-01T10:00:00Z", amount=10),
+                  {"type": "identify", "customer": _WHO, "aliases": [_EMAIL]}])
+    letters = [Incoming(raw=parse_json_line(line), origin="in.jsonl", line=n, text=line)
+               for n, line in enumerate(_NAMING + _OTHERS, 1)]
+    letters.append(Incoming(raw=LineError("3 cells for 5 columns"), origin="in.csv", line=2,
+                            text="d6,cust-priv-1,purchase", retriable=False))
+    report = store.ingest(letters)
+    assert report.dead_lettered == len(letters)
+
+
+def test_forget_erases_the_dead_letters_that_name_the_customer_in_any_spelling(tmp_path):
+    from retention import Engine
+
+    db = tmp_path / "r.db"
+    with Engine.open(db, rules=_RETAIL) as store:
+        _private_customer(store)
+        named = store.export(_EMAIL)["dead_letters"]
+        assert sorted(d["raw"] for d in named) == sorted(
+            [*_NAMING, "d6,cust-priv-1,purchase"])
+        erased = store.forget(_EMAIL)
+        assert erased["dead_letters"] == len(_NAMING) + 1
+        assert sorted(d["raw"] for d in store.dead_letters()) == sorted(_OTHERS)
+    raw = _file_bytes(db)
+    for trace in _TRACES:
+        assert not trace.search(raw), trace.search(raw)
+    assert b"cust-priv-10" in raw and b"joann@example.com" in raw  # the others stay
+
+
+def test_forget_when_the_file_cannot_be_vacuumed_says_the_erasure_is_committed(tmp_path):
+    """A full disk, as the kernel enforces a file-size limit (RLIMIT_FSIZE): the
+    erasure commits (its log is small), VACUUM (which writes the whole file again)
+    fails. forget says what happened, exits 2, and a later forget finishes."""
+    import os
+    import subprocess
+    import sys
+
+    resource = pytest.importorskip("resource")
+    import signal
+
+    from retention import Engine
+
+    db = tmp_path / "r.db"
+    with open(_ROOT / "examples" / "events" / "retail.jsonl", encoding="utf-8") as lines:
+        history = [json.loads(next(lines)) for _ in range(6000)]
+    with Engine.open(db, rules=_RETAIL) as store:
+        store.ingest(history)
+        _private_customer(store)
+    size = db.stat().st_size
+    assert size > 1 << 20 and not Path(f"{db}-wal").exists()
+
+    def full_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    def forget(limit):
+        return subprocess.run(
+            [sys.executable, "-m", "retention.cli", "forget", "--db", str(db), _WHO, "--yes"],
+            preexec_fn=full_disk if limit else None, capture_output=True, text=True,
+            cwd=_ROOT, env={**os.environ, "PYTHONPATH": str(_ROOT)}, timeout=60)
+
+    failed = forget(limit=True)
+    assert failed.returncode == 2, (failed.stdout, failed.stderr)
+    assert "Traceback" not in failed.stderr
+    assert re.match(rf"^erased 1 event, 1 snapshot, \d+ ledger entr(y|ies), 1 alias, "
+                    rf"\d+ decisions?, {len(_NAMING) + 1} dead letters of {_WHO}; "
+                    "database not vacuumed yet$", failed.stdout.strip()), failed.stdout
+    warning = failed.stderr.strip()
+    assert len(warning.splitlines()) == 1, warning
+    assert warning.startswith(f"warning: {db}: {_WHO} is erased (committed), but the file "
+                              "could not be vacuumed (")
+    assert f"make room, then run `retention forget {_WHO}` again" in warning
+    # the erasure is committed: nothing is held about them any more
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM events WHERE customer = ?",
+                            [_WHO]).fetchone() == (0,)
+        # (and marked for the next forget to finish)
+        assert conn.execute("SELECT count(*) FROM meta WHERE key = 'scrub_pending'"
+                            ).fetchone() == (1,)
+    assert db.stat().st_size >= size * 0.95  # the space is not reclaimed
+
+    done = forget(limit=False)
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stdout.strip() == (f"nothing held about {_WHO}; the scrub an earlier "
+                                   "erasure left pending is done: database vacuumed")
+    assert db.stat().st_size < size
+    raw = _file_bytes(db)
+    for trace in _TRACES:
+        assert not trace.search(raw), trace.search(raw)
+    again = forget(limit=False)
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"error: unknown customer {_WHO!r}: nothing erased"
+
 
 
 # 11. Slow clients are dropped.
