@@ -141,6 +141,28 @@ def test_edge_times_through_the_cli_leave_every_command_working(tmp_path):
                      forgot.output.strip()), forgot.output
 
 
+def test_the_server_answers_edge_times_with_their_reason(tmp_path):
+    from retention.store import StoredEngine
+    from tests.test_server import config_of, create_app, serving
+
+    db = tmp_path / "shop.db"
+    StoredEngine(db, _RETAIL).close()
+    with serving(create_app(config_of(db))) as server:
+        reply = server.post("/events", [_purchase("p1", "c1", "2026-01-01T10:00:00Z"),
+                                        _purchase("e1", "c1", _EDGES[0]),
+                                        _purchase("p2", "c1", "2025-12-01T10:00:00Z")])
+        assert reply.status == 422, reply
+        assert (reply.body["new"], reply.body["dead_lettered"]) == (2, 1)
+        assert "outside the supported time range" in reply.body["errors"][0]
+        shown = server.get("/customers/c1")
+        assert shown.status == 200, shown
+        assert [e["event_id"] for e in shown.body["ledger"] if e["rule"] == "opening"] == \
+            ["p2"]
+        late = server.get(f"/customers/c1?at={_EDGES[0].replace('+', '%2B')}")
+        assert late.status == 400 and "outside the supported time range" in \
+            late.body["error"], late
+
+
 def test_the_longest_durations_at_the_end_of_the_range_never_overflow(tmp_path):
     """Every duration at its cap (100 years), an event in the range's last
     microsecond, a drain so slow its level is crossed past the year 9999: processing,
