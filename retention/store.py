@@ -1219,7 +1219,7 @@ class StoredEngine(Engine):
             "events": events,
             "ledger": [e.to_dict() for e in self.explain(canonical)],
             "decisions": [d.to_dict() for d in self.decisions(canonical)],
-            "dead_letters": [d for d in self.dead_letters() if _Mentions(names)(d)],
+            "dead_letters": list(filter(_Mentions(names), self.dead_letters())),
         }
 
     def forget(self, customer: str) -> dict[str, int]:
