@@ -17,7 +17,7 @@ import click
 from . import examples
 from .engine import Engine
 from .errors import EventError, LineError, RetentionError, RuleFileError
-from .models import CORE_FIELDS, parse_json_line
+from .models import CORE_FIELDS, MAX_NUMBER, parse_json_line
 from .output import format_options, render
 from .rules.loader import load_rules
 from .times import TimeFormatError, from_seconds, parse_duration, parse_instant
@@ -541,6 +541,9 @@ def _csv_cells(line: str) -> list[str] | LineError:
 
 #: a CSV cell read as a number: plain decimal notation, no leading zero (an "007" is text)
 _NUMBER = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?")
+#: a number cell longer than this is refused at once; a shorter one too large for an
+#: event is refused with the event, as a JSON Lines number is
+_MAX_DIGITS = 100
 
 
 def _csv_event(header: list[str], line: str) -> dict[str, Any] | LineError:
@@ -557,6 +560,10 @@ def _csv_event(header: list[str], line: str) -> dict[str, Any] | LineError:
         if cell == "":
             continue
         if name not in CORE_FIELDS and _NUMBER.fullmatch(cell):
+            if len(cell) > _MAX_DIGITS:  # (Python reads no more than 4300 digits)
+                return LineError(f"column {name!r}: a number of {len(cell.lstrip('-'))}"
+                                 f" digits is too large to count with (an event's numbers"
+                                 f" are at most {MAX_NUMBER:,} in magnitude)")
             event[name] = float(cell) if "." in cell else int(cell)
         else:
             event[name] = cell
@@ -610,10 +617,12 @@ def ingest(db_path: Path, rules_path: Path, source: str | None, fmt: str | None,
 
 
 def _count(n: int, plural: str) -> str:
-    """``1 event``, ``2 events`` (plural given, with underscores for spaces)."""
+    """``1 event``, ``2 events``, ``1 alias`` (plural given, with underscores for
+    spaces)."""
     word = plural.replace("_", " ")
     if n == 1:
-        word = word[:-1] if not word.endswith("ies") else word[:-3] + "y"
+        word = word[:-3] + "y" if word.endswith("ies") else \
+            word[:-2] if word.endswith("ses") else word[:-1]
     return f"{n} {word}"
 
 
@@ -787,19 +796,41 @@ def dead_letters(db_path: Path, rules_path: Path, retry: bool, limit: int | None
 @click.argument("customer_id")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def forget(db_path: Path, customer_id: str, yes: bool) -> None:
-    """Erase everything held about a customer (counts stay, anonymous)."""
+    """Erase everything held about a customer (counts stay, anonymous).
+
+    Exit 0 when the customer is erased and the file scrubbed (vacuumed), 2 when
+    the erasure is committed but the scrub could not finish (a full disk, another
+    process holding the database open): the message says how to finish it.
+    """
+    from .store import ScrubPending
+
     with _open(db_path) as engine:
         names = engine.identifiers(customer_id)
         if not yes and sys.stdin.isatty():
             click.confirm(f"erase {', '.join(names)} for good?", abort=True)
         held = engine.export(names[0])
-        if not _holds(held):
-            if engine.scrub_pending():  # an earlier forget could not finish its scrub
-                engine.scrub("the earlier erasure is done, but")
-            raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
-        erased = engine.forget(customer_id)
-    click.echo("erased " + ", ".join(_count(n, k) for k, n in erased.items())
-               + f" of {names[0]}; database vacuumed")
+        try:
+            if not _holds(held):
+                if not engine.scrub_pending():
+                    raise RetentionError(f"unknown customer {customer_id!r}: nothing erased")
+                # an earlier forget could not finish its scrub: this one does
+                engine.scrub("the earlier erasure is committed, but",
+                             again=f"retention forget {customer_id}")
+                click.echo(f"nothing held about {customer_id}; the scrub an earlier erasure "
+                           "left pending is done: database vacuumed")
+                return
+            erased = engine.forget(customer_id)
+        except ScrubPending as exc:
+            if exc.erased:
+                click.echo(f"erased {_erased(exc.erased)} of {names[0]}; "
+                           "database not vacuumed yet")
+            click.echo(f"warning: {exc}", err=True)
+            sys.exit(2)
+    click.echo(f"erased {_erased(erased)} of {names[0]}; database vacuumed")
+
+
+def _erased(erased: dict[str, int]) -> str:
+    return ", ".join(_count(n, k) for k, n in erased.items())
 
 
 @cli.command()

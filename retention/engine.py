@@ -48,6 +48,7 @@ from .models import (
     Event,
     LedgerEntry,
     Outcome,
+    check_event,
     pickled_as_tuple,
 )
 from .rules.loader import load_rules
@@ -536,7 +537,11 @@ class Engine:
 
     def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
         """Process one event; returns what it did. Raises EventError for a bad event."""
-        ev = event if isinstance(event, Event) else Event.from_dict(event, source=source)
+        if isinstance(event, Event):
+            check_event(event)  # (a mapping is checked as it becomes an Event)
+            ev = event
+        else:
+            ev = Event.from_dict(event, source=source)
         seen = self._seen if not ev.source else self._seen_from.setdefault(ev.source, {})
         if ev.id in seen:
             return Outcome(event=ev, capital_before=None, capital_after=None, duplicate=True)

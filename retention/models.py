@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import operator
 from collections.abc import Mapping
 from datetime import datetime
@@ -12,7 +13,7 @@ from typing import Any, NamedTuple
 import attrs
 
 from .errors import EventError, LineError
-from .times import TimeFormatError, parse_instant
+from .times import EARLIEST_TS, LATEST_TS, TimeFormatError, out_of_range, parse_instant
 
 
 def pickled_as_tuple(cls: type) -> type:
@@ -54,16 +55,186 @@ def parse_json_line(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         return LineError(f"invalid JSON: {exc.msg} (column {exc.colno})")
-    except ValueError as exc:  # a number beyond Python's digit limit
-        return LineError(f"invalid JSON: {exc}")
+    except ValueError:  # a whole number beyond Python's digit limit
+        return LineError(f"invalid JSON: a number of more than {_DIGIT_LIMIT} digits "
+                         f"({_NUMBERS})")
     except RecursionError:
         return LineError("invalid JSON: nested too deeply")
+
+
+# -- what an event may hold ---------------------------------------------------------
+
+#: The largest magnitude of a number in an event: what a signed 64-bit integer
+#: holds, so an id sent as a number fits, and sums and products of event numbers
+#: stay far from what a float can count (1.8e308).
+MAX_NUMBER = 2**63 - 1
+_NUMBERS = f"an event's numbers are at most {MAX_NUMBER:,} in magnitude"
+_DIGIT_LIMIT = 4300  # Python's default limit on the digits of an integer read from text
+
+
+def number_problem(value: int | float) -> str | None:
+    """Why a number cannot be in an event (None: it can): NaN and the infinities are
+    no JSON numbers (``1e400`` reads as infinity), and beyond ``MAX_NUMBER`` is too
+    large to count with."""
+    if -MAX_NUMBER <= value <= MAX_NUMBER:
+        return None
+    if value != value:
+        return "NaN is not a number JSON can hold"
+    if value in (math.inf, -math.inf):
+        return ("an infinite number (or one too large for a float, such as 1e400) is not "
+                "a number JSON can hold")
+    return f"a number too large to count with ({_NUMBERS})"
+
+
+def text_problem(text: str) -> str | None:
+    """Why a string cannot be stored as text (None: it can): JSON can spell a lone
+    UTF-16 surrogate (``\\ud800``), which is no character of any text."""
+    surrogate = _lone_surrogate(text)
+    return None if surrogate is None else f"a lone UTF-16 surrogate ({surrogate}) is not text"
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """The first lone surrogate of ``text``, as JSON escapes it (None: there is none)."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
+    return None
+
+
+def unfit_property(props: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The first property value (or name) an event cannot hold, as (where, why), or
+    None. Nested lists and objects are looked through; other Python objects given
+    through the API are left to the store, which keeps only JSON."""
+    if _plain(props):
+        return None
+    for key, value in props.items():
+        problem = _unfit_key(key) or _unfit_value(str(key), value)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _plain(fields: Mapping[str, Any], _str: type = str, _float: type = float,
+           _int: type = int, _bool: type = bool, _list: type = list, _dict: type = dict,
+           _high: int = MAX_NUMBER, _low: int = -MAX_NUMBER) -> bool:
+    """The common case, answered quickly: every value a text, a number in bounds, a
+    boolean or null, and every name a text (True: nothing to look at further).
+
+    (Every event passes here: the names it reads are bound as arguments, which
+    Python looks up fastest.)"""
+    for value in fields.values():
+        kind = type(value)
+        if kind is _str:
+            if value.isascii():
+                continue
+            try:
+                value.encode("utf-8")
+                continue
+            except UnicodeEncodeError:
+                return False
+        elif kind is _float or kind is _int:
+            if _low <= value <= _high:
+                continue
+        elif value is None or kind is _bool:
+            continue
+        elif (kind is _list or kind is _dict) and _unfit_value("", value) is None:
+            continue  # (nested: looked through, each name too)
+        return False
+    try:
+        names = "".join(fields)
+    except TypeError:  # (a name that is not a string, given through the API)
+        return False
+    if names.isascii():
+        return True
+    try:
+        names.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _unfit_key(key: object) -> tuple[str, str] | None:
+    if type(key) is str and not key.isascii():
+        surrogate = _lone_surrogate(key)
+        if surrogate is not None:
+            return _shown(key), \
+                f"the field name holds a lone UTF-16 surrogate ({surrogate}), which is not text"
+    return None
+
+
+def _unfit_value(where: str, value: Any) -> tuple[str, str] | None:
+    """``value`` and what it holds, looked through without recursion (however deep)
+    and each container once (a structure given through the API may share or even
+    hold itself)."""
+    pending = [(where, value)]
+    seen: set[int] = set()
+    while pending:
+        where, value = pending.pop()
+        if isinstance(value, str):
+            problem = text_problem(value)
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, int | float):
+            problem = number_problem(value)
+        elif isinstance(value, Mapping | list | tuple):
+            if id(value) in seen:
+                continue
+            seen.add(id(value))
+            if isinstance(value, Mapping):
+                for key, inner in value.items():
+                    bad_key = _unfit_key(key)
+                    if bad_key is not None:
+                        return f"{where}.{bad_key[0]}", bad_key[1]
+                    pending.append((f"{where}.{key}", inner))
+            else:
+                pending.extend((f"{where}[{i}]", inner) for i, inner in enumerate(value))
+            continue
+        else:
+            continue
+        if problem is not None:
+            return _shown(where), problem
+    return None
+
+
+def check_event(event: Event) -> None:
+    """Raise EventError if ``event`` holds what the engine cannot work with: a time
+    outside the supported range, a text that is not text, a number that is not a
+    JSON number or too large to count with. Every way in (``Event.from_dict``,
+    ``Engine.process`` given an Event) checks this."""
+    if not EARLIEST_TS <= event.ts < LATEST_TS:
+        raise EventError(f"field 'at': {out_of_range(event.at)}", field="at",
+                         event_id=_shown(event.id))
+    for field in ("id", "customer", "type", "source"):
+        value = getattr(event, field)
+        problem = text_problem(value) if isinstance(value, str) else None
+        if problem is not None:
+            raise EventError(f"field {field!r}: {problem}", field=field,
+                             event_id=_shown(event.id))
+    unfit = unfit_property(event.props)
+    if unfit is not None:
+        where, problem = unfit
+        raise EventError(f"field '{where}': {problem}", field=where.split(".")[0],
+                         event_id=_shown(event.id))
+
+
+def _shown(text: object) -> str:
+    """``text`` as a message may show it (a lone surrogate written as its escape)."""
+    text = str(text)
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def source_of(raw: Mapping[str, Any], default: str = "") -> str:
     """The source an event mapping names, or ``default``, as the event will carry it."""
     src = raw.get("source") or default
-    return str(src) if src else ""
+    if isinstance(src, int) and not isinstance(src, bool) and number_problem(src):
+        return ""  # (the event is refused: no source to name it by)
+    try:
+        return str(src) if src else ""
+    except ValueError:  # (a value holding a number of more digits than Python writes)
+        return ""
 
 
 def id_of(raw: Mapping[str, Any]) -> str | None:
@@ -82,9 +253,25 @@ def _text(raw: Mapping[str, Any], field: str, event_id: object) -> str:
         raise EventError(
             f"field {field!r} must be a string, got {type(value).__name__}",
             field=field,
-            event_id=event_id,
+            event_id=_shown_id(event_id),
         )
-    return str(value)
+    if isinstance(value, int):
+        if number_problem(value) is not None:
+            raise EventError(f"field {field!r}: {number_problem(value)}", field=field,
+                             event_id=None if field == "id" else _shown_id(event_id))
+        return str(value)
+    return value
+
+
+def _shown_id(event_id: object) -> object:
+    """An event id as a message may show it: a lone surrogate as its escape, a whole
+    number too large to write as itself not at all."""
+    if isinstance(event_id, str):
+        return _shown(event_id)
+    if isinstance(event_id, int) and not isinstance(event_id, bool) \
+            and number_problem(event_id) is not None:
+        return None
+    return event_id
 
 
 @attrs.frozen(kw_only=True, slots=True)
@@ -124,6 +311,7 @@ class Event:
             if fast is not None:
                 return fast
         if isinstance(raw, Event):
+            check_event(raw)
             return raw
         if not isinstance(raw, Mapping):
             raise EventError(f"expected a JSON object, got {type(raw).__name__}")
@@ -139,8 +327,12 @@ class Event:
             at = parse_instant(raw["at"])
         except TimeFormatError as exc:
             raise EventError(f"field 'at': {exc}", field="at", event_id=event_id) from None
+        given = raw.get("source")
+        if isinstance(given, int) and not isinstance(given, bool) and number_problem(given):
+            raise EventError(f"field 'source': {number_problem(given)}", field="source",
+                             event_id=event_id)
         props = {k: v for k, v in raw.items() if k not in CORE_FIELDS}
-        return cls(
+        event = cls(
             id=event_id,
             customer=customer,
             type=kind,
@@ -148,6 +340,8 @@ class Event:
             source=source_of(raw, source),
             props=props,
         )
+        check_event(event)
+        return event
 
     def get(self, field: str, default: Any = None) -> Any:
         if field in CORE_FIELDS:
@@ -192,6 +386,14 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
     src = raw.get("source") or source
     if type(src) is not str:
         return None
+    ts = at.timestamp()
+    # in the range, and every field (the event's own and its properties) plain
+    if not (EARLIEST_TS <= ts < LATEST_TS and _plain(raw)
+            and (src.isascii() or text_problem(src) is None)):
+        return None
+    props = raw.copy()
+    del props["id"], props["customer"], props["type"], props["at"]
+    props.pop("source", None)
     event = _new_event(Event)
     # the same fields Event.__init__ would set, already checked above
     _set_id(event, event_id)
@@ -199,11 +401,8 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
     _set_type(event, kind)
     _set_at(event, at)
     _set_source(event, src)
-    props = raw.copy()
-    del props["id"], props["customer"], props["type"], props["at"]
-    props.pop("source", None)
     _set_props(event, props)
-    _set_ts(event, at.timestamp())
+    _set_ts(event, ts)
     return event
 
 

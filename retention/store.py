@@ -63,6 +63,7 @@ from .models import (
     id_of,
     parse_json_line,
     source_of,
+    text_problem,
 )
 from .rules import load_rules, load_texts
 from .rules.model import RuleSet
@@ -95,6 +96,17 @@ class StoreError(RetentionError):
 
 class UnknownCustomer(StoreError):
     """A customer the database holds nothing about."""
+
+
+class ScrubPending(StoreError):
+    """An erasure that is committed, but whose scrub of the file (VACUUM, then
+    emptying the write-ahead log) could not finish: the file keeps its size, and
+    traces of what was erased may stay in its free pages or its log until a later
+    scrub (any later ``forget`` runs it first). ``erased`` says what was erased."""
+
+    def __init__(self, message: str, erased: dict[str, int] | None = None):
+        super().__init__(message)
+        self.erased = erased or {}
 
 
 @attrs.define
@@ -132,8 +144,21 @@ class Incoming:
     retriable: bool = True
 
 
-#: properties as stored: compact JSON, refusing what JSON cannot hold
-_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+#: properties as stored: compact JSON, refusing what JSON cannot hold (NaN, Infinity)
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _storable(text: str) -> str:
+    """``text`` as SQLite can store it: a lone surrogate (which JSON can spell, and
+    which no UTF-8 text holds) is written as its JSON escape, so a dead letter keeps
+    what it was given and reads back the same when parsed again."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _now_text() -> str:
@@ -142,6 +167,33 @@ def _now_text() -> str:
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, default=str, separators=(",", ":"), sort_keys=True)
+
+
+def _letter_text(raw: Any) -> str:
+    """The text a dead letter keeps of an input given as a value (through the API):
+    its JSON, with what JSON cannot write (a cycle, a whole number of more digits
+    than Python writes, mixed keys) written as a note in its place."""
+    try:
+        return _dumps(raw)
+    except (TypeError, ValueError, RecursionError):
+        return _dumps(_writable(raw, 0, set()))
+
+
+def _writable(value: Any, depth: int, seen: set[int]) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 14_000:  # (over 4,200 digits: more than Python writes)
+            return f"(a whole number of about {int(value.bit_length() * 0.30103)} digits)"
+        return value
+    if not isinstance(value, Mapping | list | tuple):
+        return value
+    if depth > 100:
+        return "(nested too deeply to write)"
+    if id(value) in seen:
+        return "(a value holding itself)"
+    seen = seen | {id(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _writable(v, depth + 1, seen) for k, v in value.items()}
+    return [_writable(v, depth + 1, seen) for v in value]
 
 
 def _rules_hash(rules: RuleSet) -> str:
@@ -710,22 +762,28 @@ class StoredEngine(Engine):
                 if raw.get("type") != "identify":
                     event_id = id_of(raw)
                 if source and not raw.get("source"):  # kept with the source it came under
-                    text = _dumps({**raw, "source": source})
+                    text = _letter_text({**raw, "source": source})
                 else:
-                    text = item.text if item.text is not None else _dumps(raw)
+                    text = item.text if item.text is not None else _letter_text(raw)
             elif item.text is not None:
                 text = item.text
             else:
-                text = "" if isinstance(raw, Exception) else _dumps(raw)
-            text = text.rstrip("\n")
+                text = "" if isinstance(raw, Exception) else _letter_text(raw)
+            # every column as SQLite can store it: a lone surrogate anywhere in the
+            # input (its text, its id, a file name) must not cost the batch
+            text = _storable(text.rstrip("\n"))
+            reason, origin = _storable(reason), _storable(item.origin)
+            if event_source is not None:
+                event_source = _storable(event_source)
+            if event_id is not None:
+                event_id = _storable(event_id)
             digest = hashlib.sha256(
-                f"{item.origin}\0{item.line}\0{text}\0{reason}".encode("utf-8", "surrogatepass")
-            ).hexdigest()
-            dead.append((item.origin, item.line, reason, text, int(item.retriable),
+                f"{origin}\0{item.line}\0{text}\0{reason}".encode()).hexdigest()
+            dead.append((origin, item.line, reason, text, int(item.retriable),
                          event_source, event_id, digest, received))
             if note is not None:
                 note(id(item), ("dead_lettered", reason))
-            where = f"{item.origin}:{item.line}" if item.line is not None else item.origin
+            where = f"{origin}:{item.line}" if item.line is not None else origin
             if len(report.problems) < MAX_PROBLEMS:
                 report.problems.append(f"{where}: {reason}")
 
@@ -798,6 +856,9 @@ class StoredEngine(Engine):
                     props = _to_json(ev.props)
                 except (TypeError, ValueError) as exc:
                     reject(item, f"event {ev.id}: a property value is not JSON: {exc}")
+                    continue
+                except RecursionError:  # (given through the API: JSON input is bounded)
+                    reject(item, f"event {ev.id}: a property value is nested too deeply")
                     continue
                 if canonical not in self._customers and canonical not in self._absent:
                     self._load([canonical])
@@ -1189,7 +1250,7 @@ class StoredEngine(Engine):
             "events": events,
             "ledger": [e.to_dict() for e in self.explain(canonical)],
             "decisions": [d.to_dict() for d in self.decisions(canonical)],
-            "dead_letters": [d for d in self.dead_letters() if _mentions(d["raw"], names)],
+            "dead_letters": list(filter(_Mentions(names), self.dead_letters())),
         }
 
     def forget(self, customer: str) -> dict[str, int]:
@@ -1224,14 +1285,20 @@ class StoredEngine(Engine):
                         ["forgotten:" + hashlib.sha256(did.encode() + _salt()).hexdigest()[:32],
                          did])
             erased["decisions"] = len(ids)
-            doomed = [d["seq"] for d in self.dead_letters() if _mentions(d["raw"], names)]
+            mentions = _Mentions(names)
+            doomed = [d["seq"] for d in self.dead_letters() if mentions(d)]
             for seq in doomed:
                 execute("DELETE FROM dead_letters WHERE seq = ?", [seq])
             erased["dead_letters"] = len(doomed)
             if erased["snapshots"] or erased["events"]:
                 execute("INSERT INTO counters (name, value) VALUES ('forgotten_customers', 1)"
                         " ON CONFLICT(name) DO UPDATE SET value = value + 1")
-        self.scrub(f"{canonical} is erased, but")
+        try:
+            self.scrub(f"{canonical} is erased (committed), but",
+                       again=f"retention forget {canonical}")
+        except ScrubPending as exc:
+            exc.erased = erased
+            raise
         return erased
 
     def scrub_pending(self) -> bool:
@@ -1239,23 +1306,38 @@ class StoredEngine(Engine):
         return self.db.execute("SELECT 1 FROM meta WHERE key = 'scrub_pending'").fetchone() \
             is not None
 
-    def scrub(self, what: str = "the file is vacuumed, but") -> None:
-        """VACUUM, then empty the write-ahead log: deleted data leaves the files. A
-        reader elsewhere can hold old pages in the log (the busy timeout waits for it
-        first): then a StoreError says to run it again once that reader is gone."""
+    def scrub(self, what: str = "the file is vacuumed, but", *,
+              again: str = "retention forget") -> None:
+        """VACUUM, then empty the write-ahead log: deleted data leaves the files.
+
+        Marked pending first, so a scrub that cannot finish is run again by the next
+        one. VACUUM needs free space about the size of the file (a full disk makes it
+        fail), and a reader elsewhere can hold old pages in the log (the busy timeout
+        waits for it first): either raises ScrubPending, which says how to finish."""
         with self._writing():
             self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('scrub_pending', 1)")
-        self.db.execute("VACUUM")
+        try:
+            self.db.execute("VACUUM")
+        except sqlite3.Error as exc:
+            # what the erasure overwrote (secure_delete) goes back into the file at
+            # least, if there is room for that
+            with suppress(sqlite3.Error):
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            raise ScrubPending(
+                f"{self.path}: {what} the file could not be vacuumed ({exc}): it keeps its "
+                "size, and traces of what was erased may stay in its free space until it "
+                "is. VACUUM needs free space about the size of the database (in its "
+                f"folder and the temporary folder): make room, then run `{again}` again "
+                "(any later forget finishes it first)") from None
         busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         if not busy:
             with self._writing():
                 self.db.execute("DELETE FROM meta WHERE key = 'scrub_pending'")
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         else:
-            raise StoreError(
+            raise ScrubPending(
                 f"{self.path}: {what} another process has the database open and old data "
-                "stays in its write-ahead log until it closes: run `retention forget` "
-                "again then")
+                f"stays in its write-ahead log until it closes: run `{again}` again then")
 
     # -- reports -------------------------------------------------------------------------
 
@@ -1410,6 +1492,10 @@ def _identify_request(raw: Mapping[str, Any]) -> _Identify:
     if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
         raise EventError("identify: 'aliases' must be a list of identifiers",
                          field="aliases", event_id=raw.get("id"))
+    for field, name in (("customer", customer), *(("aliases", a) for a in aliases)):
+        problem = text_problem(name)
+        if problem is not None:
+            raise EventError(f"identify: field {field!r}: {problem}", field=field)
     return _Identify(customer=customer, aliases=tuple(a for a in aliases if a != customer))
 
 
@@ -1431,23 +1517,85 @@ def _file_names(files: str) -> str:
         return "(damaged)"
 
 
-def _mentions(raw: str, names: list[str]) -> bool:
-    """Whether a raw input names one of ``names``: as a JSON string (escaped or not)
-    or as a CSV cell."""
-    if any(json.dumps(name) in raw or json.dumps(name, ensure_ascii=False) in raw
-           or re.search(rf"(?:^|[,;\t]){re.escape(name)}(?:$|[,;\t\r\n])", raw)
-           for name in names):
-        return True
-    try:  # a customer written as a number
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return False
-    customer = value.get("customer") if isinstance(value, dict) else None
-    return isinstance(customer, str | int) and str(customer) in names
+class _Mentions:
+    """Whether a dead letter names one of a customer's identifiers, however its input
+    spelled it: as a JSON string or inside free text (a note, a subject line), with
+    JSON escapes (``"cust\\u002d1"``) or without, in a CSV row, in its reason. An
+    ``email:`` identifier also matches its bare address, in any case.
+
+    An identifier inside a longer one (``c1`` in ``c10``, ``ann@example.com`` in
+    ``joann@example.com``) is another identifier: a match stands apart from the
+    letters, digits and joining marks around it."""
+
+    #: before and after a match: no character that would make it a longer identifier
+    _BEFORE = r"(?<![\w.@+-])"
+    _AFTER = r"(?![\w@+-]|\.\w)"
+
+    def __init__(self, names: list[str]):
+        self.names = set(names)
+        parts = [re.escape(n) for n in sorted(self.names, key=len, reverse=True)]
+        parts += [f"(?i:{re.escape(n[len('email:'):])})" for n in names
+                  if n.lower().startswith("email:") and len(n) > len("email:")]
+        self.pattern = re.compile(f"{self._BEFORE}(?:{'|'.join(parts)}){self._AFTER}")
+
+    def __call__(self, letter: Mapping[str, Any]) -> bool:
+        raw = letter["raw"] or ""
+        search = self.pattern.search
+        if search(raw) or search(letter["reason"] or ""):
+            return True
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON as a whole: read its escapes
+            return bool(search(_unescaped(raw)))
+        return any(search(text) for text in _strings(value)) or self._numbered(value)
+
+    def _numbered(self, value: Any) -> bool:
+        """A customer (or an identify's alias) written as a number."""
+        if not isinstance(value, dict):
+            return False
+        named = [value.get("customer"), value.get("subject"),
+                 *(value.get("aliases") if isinstance(value.get("aliases"), list) else ())]
+        return any(isinstance(v, int) and not isinstance(v, bool) and str(v) in self.names
+                   for v in named)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    """Every string of a JSON value, keys included, however deep (without recursion)."""
+    pending = [value]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            yield from value
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+
+
+_JSON_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|(["\\/bfnrt]))')
+_ESCAPED = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r",
+            "t": "\t"}
+
+
+def _unescaped(text: str) -> str:
+    """``text`` with every JSON escape read, wherever it is (for input that is not
+    JSON as a whole: a truncated line still spells its strings as JSON does)."""
+    out = _JSON_ESCAPE.sub(lambda m: chr(int(m[1], 16)) if m[1] else _ESCAPED[m[2]], text)
+    # an escaped surrogate pair is one character; a lone surrogate matches nothing
+    return out.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None or ts in (math.inf, -math.inf) else from_seconds(ts).isoformat()
+    """A stored time as ISO-8601; None for none, and for one past the years a datetime
+    holds (a next change that a drain of a tiny rate puts in the year 30000: as
+    never, since no tick can reach it)."""
+    if ts is None:
+        return None
+    try:
+        return from_seconds(ts).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return None
 
 
 def decision_of(row: tuple[Any, ...]) -> Decision:
@@ -1458,5 +1606,5 @@ def decision_of(row: tuple[Any, ...]) -> Decision:
                     status=status, reason=reason)
 
 
-__all__ = ["BATCH", "UNDELIVERED", "Incoming", "IngestReport", "StoreError", "StoredEngine",
-           "UnknownCustomer"]
+__all__ = ["BATCH", "UNDELIVERED", "Incoming", "IngestReport", "ScrubPending", "StoreError",
+           "StoredEngine", "UnknownCustomer"]

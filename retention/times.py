@@ -13,6 +13,17 @@ DAY = 86400.0
 #: durations longer than this are refused: no retention rule needs them
 MAX_DURATION = 100 * 365 * DAY
 
+#: The instants the engine reads, events and times given to it (a tick, ``at=``):
+#: from EARLIEST up to LATEST, excluded. Rule durations are at most MAX_DURATION, so
+#: every time the engine works out from them (an event plus a window, a fade or a
+#: licence step) stays centuries inside what a datetime holds (year 9999), and each
+#: microsecond of them is exact as a float of seconds (up to 2**53 microseconds
+#: after 1970: the year 2255).
+EARLIEST = datetime(1900, 1, 1, tzinfo=UTC)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)
+EARLIEST_TS = EARLIEST.timestamp()
+LATEST_TS = LATEST.timestamp()
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY, "w": 7 * DAY}
 
@@ -34,7 +45,24 @@ def parse_instant(value: object) -> datetime:
         raise TimeFormatError(f"expected an ISO-8601 time, got {type(value).__name__}")
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise TimeFormatError(f"{value!s} has no time zone (add Z or an offset like +00:00)")
+    if not in_range(moment):
+        raise TimeFormatError(out_of_range(moment))
     return moment
+
+
+def in_range(moment: datetime) -> bool:
+    """Whether an aware ``moment`` is one the engine reads (EARLIEST <= it < LATEST)."""
+    try:
+        return EARLIEST_TS <= moment.timestamp() < LATEST_TS
+    except (OverflowError, ValueError, OSError):  # past what a datetime holds, in UTC
+        return False
+
+
+def out_of_range(moment: datetime) -> str:
+    """Why ``moment`` is refused, for a message."""
+    last = LATEST - timedelta(days=1)
+    return (f"{moment.isoformat()} is outside the supported time range "
+            f"({EARLIEST:%Y-%m-%d} to {last:%Y-%m-%d} UTC)")
 
 
 def to_seconds(moment: datetime) -> float:

@@ -8,16 +8,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from retention import Engine, Event, EventError
-from retention.models import _checked
+from retention.models import MAX_NUMBER, _checked
 
-JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8)),
+JSON = st.recursive(st.one_of(st.none(), st.booleans(),
+                              st.integers(-MAX_NUMBER, MAX_NUMBER), st.text(max_size=8)),
                     lambda inner: st.lists(inner, max_size=3), max_leaves=5)
+#: times inside the supported range, whatever their zone's offset
+TIMES = st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2199, 12, 30),
+                     timezones=st.timezones())
 
 
 @given(st.fixed_dictionaries(
     {"id": st.text(min_size=1, max_size=6), "customer": st.text(min_size=1, max_size=6),
      "type": st.sampled_from(["purchase", "delivery"]),
-     "at": st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())},
+     "at": TIMES.map(lambda d: d.isoformat())},
     optional={"source": st.text(max_size=5), "amount": JSON, "sku": JSON}))
 def test_the_quick_path_builds_the_same_event_as_the_constructor(raw):
     quick = _checked(dict(raw), "")
@@ -72,3 +76,46 @@ def test_the_engine_builds_outcomes_as_the_class_does():
 
     assert _outcome("ev", 1.0, 2.0, ("l",), ("d",)) == Outcome(
         event="ev", capital_before=1.0, capital_after=2.0, ledger=("l",), decisions=("d",))
+
+
+#: characters, lone UTF-16 surrogates often among them
+CHARS = st.one_of(st.characters(max_codepoint=0x7F), st.characters(),
+                  st.characters(categories=["Cs"]))
+#: JSON-like values, hostile ones included: NaN, infinities, numbers of any size,
+#: lone surrogates, in names as in values
+HOSTILE = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+              st.text(CHARS, max_size=4)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(st.text(CHARS, max_size=3),
+                                            inner, max_size=3)),
+    max_leaves=6)
+
+
+@given(st.fixed_dictionaries(
+    {"id": st.one_of(st.text(CHARS, min_size=1, max_size=4),
+                     st.integers()),
+     "customer": st.text(CHARS, min_size=1, max_size=4),
+     "type": st.sampled_from(["purchase", "delivery"]),
+     "at": st.datetimes(timezones=st.timezones()).map(lambda d: d.isoformat())},
+    optional={"source": st.text(CHARS, max_size=3), "amount": HOSTILE,
+              "\ud800": HOSTILE, "x": HOSTILE}))
+def test_an_accepted_event_is_one_the_store_can_keep(raw):
+    """Whatever comes in, an event is either refused with a clear EventError or holds
+    only what strict JSON and UTF-8 can keep, at a time inside the supported range;
+    the quick path never accepts what the full path refuses."""
+    import json
+
+    from retention.times import EARLIEST_TS, LATEST_TS
+
+    quick = _checked(dict(raw), "")
+    try:
+        event = Event.from_dict(raw)
+    except EventError as exc:
+        assert str(exc).startswith("event") and quick is None
+        str(exc).encode("utf-8")  # the reason itself can be stored and printed
+        return
+    assert quick is None or quick == event
+    assert EARLIEST_TS <= event.ts < LATEST_TS
+    text = json.dumps(event.to_dict(), allow_nan=False, ensure_ascii=False)
+    text.encode("utf-8")

@@ -141,8 +141,8 @@ actions:
   disc: {kind: in_purchase}
 """)]))
     named = timezone(timedelta(hours=-5), "EST")
-    moments = [f"2700-01-01T10:00:00.{us:06d}+00:00" for us in range(1, 400, 37)]
-    moments += [datetime(2026, 1, 1, 10, tzinfo=named), datetime(9000, 5, 5, tzinfo=named)]
+    moments = [f"2199-12-31T10:00:00.{us:06d}+00:00" for us in range(1, 400, 37)]
+    moments += [datetime(2026, 1, 1, 10, tzinfo=named), datetime(2199, 5, 5, tzinfo=named)]
     for i, at in enumerate(moments):
         made = engine.process({"id": f"p{i}", "customer": f"a{i}", "type": "purchase",
                                "at": at}).decisions

@@ -739,6 +739,45 @@ def test_forget_after_a_merge_leaves_no_identifier_of_the_merged_customer(tmp_pa
             assert secret.encode() not in raw, secret
 
 
+def test_forget_on_a_full_disk_raises_scrub_pending_with_what_it_erased(tmp_path):
+    """VACUUM fails (a file-size limit stands for a full disk, in a child process):
+    the erasure stays committed and ScrubPending says so, with what was erased; the
+    next scrub finishes."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("resource")
+    db = tmp_path / "r.db"
+    with Engine.open(db, rules=RETAIL) as store:
+        store.ingest(retail_events(6000))
+        store.ingest([event("p", WHO, "purchase", 1, amount=3)])
+    size = db.stat().st_size
+    child = f"""
+import json, resource, signal
+from retention import Engine
+from retention.store import ScrubPending
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))
+with Engine.open({str(db)!r}) as store:
+    try:
+        store.forget({WHO!r})
+    except ScrubPending as exc:
+        print(json.dumps({{"erased": exc.erased, "message": str(exc)}}))
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["erased"]["events"] == 1 and report["erased"]["snapshots"] == 1
+    assert f"{WHO} is erased (committed), but the file could not be vacuumed" in \
+        report["message"]
+    with Engine.open(db) as store:
+        assert WHO not in store.customers() and store.scrub_pending()
+        store.scrub()
+        assert not store.scrub_pending()
+    assert WHO.encode() not in database_bytes(db)
+
+
 def test_forgetting_twice_counts_one_customer(tmp_path):
     with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
         store.ingest([event("p", WHO, "purchase", 1)])
