@@ -136,8 +136,8 @@ def at_risk_with(engine: Engine, stored: int, tick_moment: datetime) -> None:
         levelled, due, later = engine.db.execute(
             "SELECT count(*) FILTER (WHERE level IS NOT NULL),"
             " count(*) FILTER (WHERE level IS NULL AND next_change_at <= ?),"
-            " count(*) FILTER (WHERE level IS NULL AND NOT next_change_at <= ?"
-            "  AND last_ts > ? AND opened_at <= ?) FROM customers", [t, t, t, t]).fetchone()
+            " count(*) FILTER (WHERE level IS NULL AND NOT next_change_at <= ? AND last_ts > ?)"
+            " FROM customers WHERE opened_at <= ?", [t, t, t, t]).fetchone()
         started = time.perf_counter()
         rows = engine.at_risk(now=moment)
         elapsed = time.perf_counter() - started

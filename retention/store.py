@@ -1399,10 +1399,10 @@ class StoredEngine(Engine):
                 initial < lv.below <= edge for lv in self._rules.levels):
             sql, args = "SELECT id FROM customers WHERE opened_at <= ?", [t]
         else:
-            sql = ("SELECT id FROM customers WHERE level IS NOT NULL"
-                   " UNION SELECT id FROM customers WHERE next_change_at <= ?"
+            sql = ("SELECT id FROM customers WHERE level IS NOT NULL AND opened_at <= ?"
+                   " UNION SELECT id FROM customers WHERE next_change_at <= ? AND opened_at <= ?"
                    " UNION SELECT id FROM customers WHERE last_ts > ? AND opened_at <= ?")
-            args = [t, t, t]
+            args = [t, t, t, t, t]
         return [cid for (cid,) in self.db.execute(sql, args)]
 
     def stats(self) -> dict[str, Any]:
