@@ -311,6 +311,8 @@ def unsettled_entries(c: Customer, rules: RuleSet, t: float, at: datetime
             reason=f"capital stays within [{cap.min:g}, {cap.max:g}]: {cut:+.2f} cut off, "
                    "not settled"))
     return entries
+
+
 _decision_state = Decision.__setstate__  # type: ignore[attr-defined]
 _MARSHALLED_DECISION, _PICKLED_DECISION = b"M", b"P"
 
