@@ -541,9 +541,11 @@ class Engine:
         """Process one event; returns what it did. Raises EventError for a bad event."""
         if isinstance(event, Event):
             check_event(event)  # (a mapping is checked as it becomes an Event)
-            ev = event
-        else:
-            ev = Event.from_dict(event, source=source)
+            return self._process(event)
+        return self._process(Event.from_dict(event, source=source))
+
+    def _process(self, ev: Event) -> Outcome:
+        """Process one event already checked (given as a mapping, or by ``process``)."""
         seen = self._seen if not ev.source else self._seen_from.setdefault(ev.source, {})
         if ev.id in seen:
             return Outcome(event=ev, capital_before=None, capital_after=None, duplicate=True)

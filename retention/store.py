@@ -864,7 +864,7 @@ class StoredEngine(Engine):
                     self._load([canonical])
                 self._replayed = None
                 try:
-                    outcome = Engine.process(self, ev)
+                    outcome = Engine._process(self, ev)  # (checked as it was parsed)
                 except EventError as exc:
                     reject(item, str(exc))
                     continue
