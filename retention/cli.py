@@ -757,7 +757,7 @@ def stats(db_path: Path, fmt: str | None) -> None:
     click.echo(f"{_count(report['events'], 'events')}, "
                f"{_count(report['dead_letters'], 'dead_letters')}, "
                f"{_count(report['forgotten_customers'], 'customers')} forgotten\n")
-    click.echo("customers by level")
+    click.echo("customers by level (as of their latest event or tick: retention at-risk for now)")
     click.echo(render([{"level": k, "customers": v}
                        for k, v in report["customers_by_level"].items()], None))
     click.echo("capital at each customer's latest event")
