@@ -51,6 +51,7 @@ class DeadlineProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._in_headers = True  # no request, or one whose headers have not all come
         self._header_bytes = 0
+        self._tail = b""  # the last bytes of the headers so far: where their end may begin
         self._body_late = False
 
     # -- asyncio.Protocol --------------------------------------------------------------
@@ -61,14 +62,20 @@ class DeadlineProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:
-            self._header_bytes += len(data)
+            # counted before the parser reads them: headers that all arrive in one
+            # read are complete (and forgotten) once it has
+            seen = self._tail + data
+            end = seen.find(b"\r\n\r\n")
+            self._header_bytes += len(data) if end < 0 else end + 4 - len(self._tail)
+            self._tail = seen[-3:]
+            if self._header_bytes > self.max_header:
+                self._refuse(431, f"the request's headers are over {self.max_header} bytes")
+                return
             if self._deadline is None:
                 # a kept-alive connection's next request begins (uvicorn stops its
                 # keep-alive timer at any byte, even the blank lines a parser skips)
                 self._set_deadline(self.header_timeout, self._headers_late)
         super().data_received(data)
-        if self._in_headers and self._header_bytes > self.max_header:
-            self._refuse(431, f"the request's headers are over {self.max_header} bytes")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._clear_deadline()
@@ -90,6 +97,7 @@ class DeadlineProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._clear_deadline()
         self._in_headers, self._header_bytes, self._body_late = True, 0, False
+        self._tail = b""
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

@@ -1187,6 +1187,14 @@ def test_headers_over_max_header_are_431_and_closed(impatient):
     assert b"over 8192 bytes" in answer
 
 
+def test_headers_over_max_header_in_one_read_are_431_too(impatient):
+    """Complete headers that arrive in one read are over the limit all the same."""
+    with connect(impatient) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: shop\r\nX-Big: " + b"b" * 60_000
+                     + b"\r\n\r\n")
+        _, answer = dropped(sock)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+
 
 # 12. deliver --backoff 0 tries each decision once per run.
 
