@@ -67,6 +67,8 @@ class ServerConfig:
     max_age: float = 7 * 86400.0
     #: most events committed in one transaction
     max_group: int = 2000
+    #: most events one body may hold (more: the body is refused whole, one dead letter)
+    max_events: int = 10_000
     #: seconds a request's whole body may take to arrive (408 after)
     body_timeout: float = 30.0
     clock: Callable[[], float] = time.time
@@ -341,6 +343,10 @@ class RetentionService:
             if not isinstance(raws, list):
                 raise webevents.BodyError(f"the source gave {type(raws).__name__}, "
                                           "not a list of events")
+            if len(raws) > self.config.max_events:  # (each bad one would be a dead letter)
+                raise webevents.BodyError(
+                    f"the body holds {len(raws):,} events, more than {self.config.max_events:,}"
+                    ": send them in several requests")
         except Exception as exc:  # the body is kept as a dead letter with the reason
             reason = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
