@@ -68,6 +68,10 @@ def parse_json_line(text: str) -> Any:
 #: holds, so an id sent as a number fits, and sums and products of event numbers
 #: stay far from what a float can count (1.8e308).
 MAX_NUMBER = 2**63 - 1
+#: the most characters of a text property, items of a list or object property (at
+#: any depth), and characters of an event's id, customer, type or source: a
+#: condition's work grows with the values it reads, and ids end up in headers
+MAX_TEXT, MAX_ITEMS, MAX_NAME = 10_000, 1_000, 500
 _NUMBERS = f"an event's numbers are at most {MAX_NUMBER:,} in magnitude"
 _DIGIT_LIMIT = 4300  # Python's default limit on the digits of an integer read from text
 
@@ -119,7 +123,7 @@ def unfit_property(props: Mapping[str, Any]) -> tuple[str, str] | None:
 
 def _plain(fields: Mapping[str, Any], _str: type = str, _float: type = float,
            _int: type = int, _bool: type = bool, _list: type = list, _dict: type = dict,
-           _high: int = MAX_NUMBER, _low: int = -MAX_NUMBER) -> bool:
+           _high: int = MAX_NUMBER, _low: int = -MAX_NUMBER, _long: int = MAX_TEXT) -> bool:
     """The common case, answered quickly: every value a text, a number in bounds, a
     boolean or null, and every name a text (True: nothing to look at further).
 
@@ -128,6 +132,8 @@ def _plain(fields: Mapping[str, Any], _str: type = str, _float: type = float,
     for value in fields.values():
         kind = type(value)
         if kind is _str:
+            if len(value) > _long:
+                return False
             if value.isascii():
                 continue
             try:
@@ -174,7 +180,9 @@ def _unfit_value(where: str, value: Any) -> tuple[str, str] | None:
     while pending:
         where, value = pending.pop()
         if isinstance(value, str):
-            problem = text_problem(value)
+            problem = text_problem(value) or (
+                f"a text of {len(value):,} characters, more than {MAX_TEXT:,}"
+                if len(value) > MAX_TEXT else None)
         elif isinstance(value, bool) or value is None:
             continue
         elif isinstance(value, int | float):
@@ -183,6 +191,8 @@ def _unfit_value(where: str, value: Any) -> tuple[str, str] | None:
             if id(value) in seen:
                 continue
             seen.add(id(value))
+            if len(value) > MAX_ITEMS:
+                return _shown(where), f"{len(value):,} items, more than {MAX_ITEMS:,}"
             if isinstance(value, Mapping):
                 for key, inner in value.items():
                     bad_key = _unfit_key(key)
@@ -209,7 +219,9 @@ def check_event(event: Event) -> None:
                          event_id=_shown(event.id))
     for field in ("id", "customer", "type", "source"):
         value = getattr(event, field)
-        problem = text_problem(value) if isinstance(value, str) else None
+        problem = (text_problem(value) or (
+            f"{len(value):,} characters, more than {MAX_NAME}" if len(value) > MAX_NAME
+            else None)) if isinstance(value, str) else None
         if problem is not None:
             raise EventError(f"field {field!r}: {problem}", field=field,
                              event_id=_shown(event.id))
@@ -375,7 +387,9 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
     event_id, customer, kind, when = raw.get("id"), raw.get("customer"), raw.get("type"), \
         raw.get("at")
     if not (type(event_id) is str and event_id and type(customer) is str and customer
-            and type(kind) is str and kind and type(when) is str):
+            and type(kind) is str and kind and type(when) is str
+            and len(event_id) <= MAX_NAME and len(customer) <= MAX_NAME
+            and len(kind) <= MAX_NAME):
         return None
     try:
         at = datetime.fromisoformat(when)
@@ -384,7 +398,7 @@ def _checked(raw: dict[str, Any], source: str) -> Event | None:
     if at.tzinfo is None:
         return None
     src = raw.get("source") or source
-    if type(src) is not str:
+    if type(src) is not str or len(src) > MAX_NAME:
         return None
     ts = at.timestamp()
     # in the range, and every field (the event's own and its properties) plain

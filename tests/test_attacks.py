@@ -596,6 +596,28 @@ def test_arithmetic_on_whole_numbers_past_64_bits_is_missing():
 
 
 
+def test_event_values_a_condition_reads_are_bounded():
+    """A condition of many `in` tests over a 120,000-item list took 300 ms an event;
+    texts, lists and ids past their bounds are refused at the way in."""
+    import pytest
+
+    from retention import Engine, examples
+    from retention.errors import EventError
+    from retention.models import MAX_ITEMS, MAX_NAME, MAX_TEXT
+
+    engine = Engine.from_path(examples.RULES)
+    base = {"customer": "c", "type": "purchase", "at": "2026-01-01T00:00:00Z"}
+    for n, extra in enumerate(({"items": list(range(MAX_ITEMS + 1))},
+                               {"text": "x" * (MAX_TEXT + 1)},
+                               {"nested": {"deep": [{"text": "y" * (MAX_TEXT + 1)}]}},
+                               {"customer": "c" * (MAX_NAME + 1)})):
+        with pytest.raises(EventError, match="more than"):
+            engine.process({**base, "id": f"e{n}", **extra})
+    fine = engine.process({**base, "id": "ok", "items": list(range(MAX_ITEMS)),
+                           "text": "x" * MAX_TEXT})
+    assert fine.capital_after == 72
+
+
 # 5. Rule files are bounded.
 def _load_problems(text):
     import pytest
