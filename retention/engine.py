@@ -308,8 +308,8 @@ def unsettled_entries(c: Customer, rules: RuleSet, t: float, at: datetime
         entries.append(LedgerEntry(
             customer=c.id, rule="bounds", points=cut, at=at, event_id=None,
             category="bounds", settled=False,
-            reason=f"capital stays within [{cap.min:g}, {cap.max:g}]: {cut:+.2f} cut off, "
-                   "not settled"))
+            reason=f"capital stays within [{cap.min:g}, {cap.max:g}]: {cut:+.2f} to stay at "
+                   f"{cap.min if cut > 0 else cap.max:g}, not settled"))
     return entries
 
 
