@@ -1218,23 +1218,6 @@ def test_headers_over_max_header_in_one_read_are_431_too(impatient):
     assert answer.startswith(b"HTTP/1.1 431 "), answer
 
 
-def test_a_body_of_too_many_items_is_one_dead_letter_not_a_flood(tmp_path):
-    """A 1 MB body of [0, 0, ...] was half a million dead letters; past max_events the
-    body is refused whole, kept as one."""
-    from retention.store import StoredEngine
-    from tests.test_server import RETAIL, config_of, serving
-
-    db = tmp_path / "shop.db"
-    StoredEngine(db, RETAIL).close()
-    with serving(create_app(config_of(db, max_events=100))) as server:
-        flood = server.post("/events", [0] * 101)
-        assert flood.status == 400, flood.body
-        assert "more than 100" in flood.body["error"]
-        assert server.post("/events", [0] * 100).status == 422  # each its own reason
-    with sqlite3.connect(db) as conn:
-        assert conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 101
-
-
 # 12. deliver --backoff 0 tries each decision once per run.
 
 def test_deliver_with_no_backoff_tries_a_failing_decision_once_per_run(tmp_path):
@@ -1282,3 +1265,22 @@ def test_deliver_with_no_backoff_tries_a_failing_decision_once_per_run(tmp_path)
         assert len(receiver.hits) == 2
     finally:
         receiver.stop()
+
+
+# 13. One body cannot flood the dead letters (found in review).
+
+def test_a_body_of_too_many_items_is_one_dead_letter_not_a_flood(tmp_path):
+    """A 1 MB body of [0, 0, ...] was half a million dead letters; past max_events the
+    body is refused whole, kept as one."""
+    from retention.store import StoredEngine
+    from tests.test_server import RETAIL, config_of, serving
+
+    db = tmp_path / "shop.db"
+    StoredEngine(db, RETAIL).close()
+    with serving(create_app(config_of(db, max_events=100))) as server:
+        flood = server.post("/events", [0] * 101)
+        assert flood.status == 400, flood.body
+        assert "more than 100" in flood.body["error"]
+        assert server.post("/events", [0] * 100).status == 422  # each its own reason
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0] == 101
