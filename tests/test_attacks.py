@@ -958,6 +958,21 @@ def test_names_with_line_breaks_or_punctuation_are_load_errors():
 
 
 
+def test_a_number_of_thousands_of_digits_in_a_rule_file_is_one_error_at_its_place(tmp_path):
+    from retention import load_rules
+    from retention.errors import RuleFileError
+
+    for text, where in (('rules:\n  r: {when: event.type == "a", points: %s}\n', (2, 40)),
+                        ("%s\n", (1, 1))):
+        path = tmp_path / "big.yaml"
+        path.write_text(text % ("9" * 5000))
+        with pytest.raises(RuleFileError) as caught:
+            load_rules(path)
+        (problem,) = caught.value.problems
+        assert (problem.line, problem.column) == where
+        assert "not a number or text this file can hold" in problem.message
+
+
 # 10. forget leaves no trace.
 
 _WHO, _EMAIL = "cust-priv-1", "email:ann@example.com"

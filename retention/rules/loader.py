@@ -165,6 +165,10 @@ class _TooDeep(Exception):
     pass
 
 
+class _Unbuilt(Exception):
+    """A value YAML cannot build (reported where it is)."""
+
+
 class _Builder:
     def __init__(self, file: str, problems: list[RuleProblem]):
         self.file = file
@@ -203,7 +207,11 @@ class _Builder:
                 if key in out:
                     self._error(_mark(key_node), f"duplicate key {key!r}")
                     continue
-                out[key] = self.build(value_node, depth + 1)
+                try:
+                    out[key] = self.build(value_node, depth + 1)
+                except _Unbuilt:  # (reported): the key is absent, and no new mistake
+                    out.incomplete = True
+                    continue
                 out.key_pos[key] = _mark(key_node)
                 out.val_pos[key] = _mark(value_node)
                 out.val_offset[key] = _text_offset(value_node)
@@ -216,7 +224,13 @@ class _Builder:
                 items.item_pos.append(_mark(item))
                 items.item_offset.append(_text_offset(item))
             return items
-        return self.constructor.construct_object(node, deep=True)
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except (ValueError, OverflowError):  # (a number of thousands of digits, say)
+            self._error(_mark(node), f"invalid value {node.value[:20]!r}"
+                                     f"{'...' if len(node.value) > 20 else ''}: not a number "
+                                     "or text this file can hold")
+            raise _Unbuilt from None
 
     def _error(self, pos: Pos, message: str) -> None:
         self.problems.append(RuleProblem(file=self.file, line=pos[0], column=pos[1],
@@ -246,6 +260,8 @@ def _parse(file: str, text: str, problems: list[RuleProblem]) -> LMap | None:
         return out
     try:
         data = _Builder(file, problems).build(node)
+    except _Unbuilt:  # (reported at its position)
+        return None
     except yaml.MarkedYAMLError as exc:  # a value YAML cannot build, at its position
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
