@@ -1209,6 +1209,7 @@ def test_blank_lines_between_requests_do_not_keep_a_connection_alive(impatient):
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     assert seconds < DEADLINE + 2, seconds
 
+
 def test_a_connection_that_never_sends_a_byte_is_closed(impatient):
     with connect(impatient) as sock:
         seconds, _ = dropped(sock)
