@@ -1067,10 +1067,13 @@ class Engine:
 
     def _rebuild(self, cid: str, rows: Iterable[tuple[Any, ...]], *, horizon: float,
                  watch: tuple[Any, ...] | None = None,
-                 ledger: list[LedgerEntry] | None = None) -> tuple[Customer, tuple[Any, ...]]:
+                 ledger: list[LedgerEntry] | None = None,
+                 watched: dict[int, tuple[Any, ...]] | None = None
+                 ) -> tuple[Customer, tuple[Any, ...]]:
         """A customer recomputed from their events in time order, then brought to the
         tick horizon they had; also returns what ``watch`` (one of the rows) did, and
-        collects the ledger into ``ledger`` when one is given."""
+        collects the ledger into ``ledger`` when one is given (and what each row
+        whose ``id`` is a key of ``watched`` did, into it)."""
         fresh = Customer(id=cid)
         result: tuple[Any, ...] = (None, None, [], [])
         for row in sorted(rows, key=lambda r: r[:3]):
@@ -1080,6 +1083,8 @@ class Engine:
             self._plan(fresh)
             if row is watch:
                 result = outcome
+            if watched is not None and id(row) in watched:
+                watched[id(row)] = outcome
             if ledger is not None:
                 ledger.extend(outcome[2])
         if horizon > fresh.level_time and fresh.opened_at is not None:
@@ -1102,6 +1107,45 @@ class Engine:
         self._recomputed(fresh, ledger)
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
+
+    def _late(self, ev: Event) -> bool:
+        """Whether ``ev`` comes before what its customer's state already holds (their
+        latest event, or a tick past it): applying it means recomputing them."""
+        c = self._customers.get(ev.customer)
+        if c is None or c.last is None:
+            return False
+        return not (ev.ts >= c.level_time and (
+            ev.ts > c.last[0] or (ev.ts, ev.id, ev.source) > c.last))
+
+    def _replay_all(self, events: list[Event]) -> dict[int, Outcome]:
+        """Late events of one customer, new and distinct, recomputed together: one
+        replay of their history for all of them, where one each would cost the square
+        of their number. Returns the outcome of each (by ``id`` of the event); a
+        decision goes with the event that triggered it, one that time made with the
+        last of them."""
+        c = self._customers[events[0].customer]
+        rows = [_row(ev) for ev in events]
+        done: dict[int, tuple[Any, ...]] = {id(row): (None, None, [], []) for row in rows}
+        ledger: list[LedgerEntry] = []
+        fresh, _ = self._rebuild(c.id, [*self._history(c), *rows], horizon=c.horizon,
+                                 ledger=ledger, watched=done)
+        new = self._reconcile(decided(c), fresh)
+        fresh.scheduled = c.scheduled
+        self._customers[c.id] = fresh
+        self._recomputed(fresh, ledger)
+        triggers = {_trigger(ev): ev for ev in events}
+        made: dict[int, list[Decision]] = {id(ev): [] for ev in events}
+        for d in sorted(new, key=lambda d: (d.at, d.id)):
+            made[id(triggers.get(d.trigger, events[-1]))].append(d)
+        out = {}
+        for ev, row in zip(events, rows, strict=True):
+            before, after, entries, _ = done[id(row)]
+            seen = self._seen if not ev.source else self._seen_from.setdefault(ev.source, {})
+            seen[ev.id] = None
+            out[id(ev)] = _outcome(ev, before, after, tuple(entries), tuple(made[id(ev)]))
+        fresh.dirty = True
+        self._schedule(fresh)
+        return out
 
     def _history(self, c: Customer) -> Iterator[tuple[Any, ...]]:
         """The rows of all of ``c``'s events (a store reads back those it keeps)."""

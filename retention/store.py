@@ -848,10 +848,16 @@ class StoredEngine(Engine):
 
         def run_segment() -> None:
             segment.sort(key=lambda s: (s[0].ts, s[0].id, s[0].source))
+            replayed = self._replay_late(segment, aliases)
             for ev, item in segment:
                 canonical = aliases.get(ev.customer, ev.customer)
                 if canonical != ev.customer:
                     ev = attrs.evolve(ev, customer=canonical)
+                if id(item) in replayed:
+                    outcome = replayed[id(item)]
+                    self._replayed = canonical  # (its whole ledger is written again)
+                else:
+                    outcome = None
                 try:
                     props = _to_json(ev.props)
                 except (TypeError, ValueError) as exc:
@@ -860,17 +866,18 @@ class StoredEngine(Engine):
                 except RecursionError:  # (given through the API: JSON input is bounded)
                     reject(item, f"event {ev.id}: a property value is nested too deeply")
                     continue
-                if canonical not in self._customers and canonical not in self._absent:
-                    self._load([canonical])
-                self._replayed = None
-                try:
-                    outcome = Engine._process(self, ev)  # (checked as it was parsed)
-                except EventError as exc:
-                    reject(item, str(exc))
-                    continue
-                except OverflowError:
-                    reject(item, f"event {ev.id}: a number too large to count with")
-                    continue
+                if outcome is None:
+                    if canonical not in self._customers and canonical not in self._absent:
+                        self._load([canonical])
+                    self._replayed = None
+                    try:
+                        outcome = Engine._process(self, ev)  # (checked as it was parsed)
+                    except EventError as exc:
+                        reject(item, str(exc))
+                        continue
+                    except OverflowError:
+                        reject(item, f"event {ev.id}: a number too large to count with")
+                        continue
                 full = self._full_ledgers.get(canonical)
                 if full is not None and self._replayed != canonical:
                     full.extend(outcome.ledger)  # after a recomputation in this batch
@@ -912,6 +919,37 @@ class StoredEngine(Engine):
         self._insert_decisions(d for d in decisions if d.customer not in self._rewrite)
         self._save(touched, rewrite=[cid for cid in self._rewrite if cid in touched])
         report.decisions += len(decisions)
+
+    def _replay_late(self, segment: list[tuple[Event, Incoming]],
+                     aliases: dict[str, str]) -> dict[int, Outcome]:
+        """The outcomes (by ``id`` of their item) of the segment's late events, for
+        each customer with several: recomputed once for all of them (see
+        ``Engine._replay_all``). A group that fails is left to the events one by one,
+        which names the event at fault."""
+        groups: dict[str, list[tuple[Event, Incoming]]] = {}
+        taken: set[tuple[str, str]] = set()
+        for ev, item in segment:
+            canonical = aliases.get(ev.customer, ev.customer)
+            seen = self._seen if not ev.source else self._seen_from.get(ev.source, {})
+            if ev.id in seen or (ev.source, ev.id) in taken:
+                continue
+            if canonical != ev.customer:
+                ev = attrs.evolve(ev, customer=canonical)
+            if canonical not in self._customers:
+                continue  # (loaded for the batch: unknown, so nothing is late)
+            if self._late(ev):
+                taken.add((ev.source, ev.id))
+                groups.setdefault(canonical, []).append((ev, item))
+        found: dict[int, Outcome] = {}
+        for group in groups.values():
+            if len(group) < 2:
+                continue
+            try:  # (a replay that fails changed nothing: it works on a fresh copy)
+                done = self._replay_all([ev for ev, _ in group])
+            except (EventError, OverflowError):
+                continue
+            found.update((id(item), done[id(ev)]) for ev, item in group)
+        return found
 
     def _mark_seen(self, events: list[Event]) -> None:
         """Event ids the database already holds count as seen by the engine."""

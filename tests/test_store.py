@@ -1166,3 +1166,50 @@ def test_a_batch_that_fails_after_writing_its_snapshots_keeps_none_of_its_custom
                 store.ingest(second)
         store.ingest(second)
         assert dump(store, skip=ENCODING) == expected
+
+
+def test_late_events_of_one_customer_in_a_batch_are_recomputed_together(tmp_path):
+    """Events that fall between a customer's stored events: the batch recomputes the
+    customer once for all of them (each alone cost the whole history, so n of them
+    the square of n), with what each event did as if they came one by one."""
+    history = [e for e in retail_events(27390) if e["customer"] in ("c-0830", "c-0243")]
+    early, late = history[::2], history[1::2]
+    late = [*late, late[3]]  # a repeat inside the batch
+    with Engine.open(tmp_path / "together.db", rules=RETAIL) as together, \
+            Engine.open(tmp_path / "apart.db", rules=RETAIL) as apart, \
+            Engine.open(tmp_path / "in_order.db", rules=RETAIL) as in_order:
+        for store in (together, apart):
+            store.ingest(early)
+        together.ingest([*late, early[0]])  # an event it holds already, too
+        outcomes = []
+        for ev in [*late, early[0]]:
+            outcomes.append(apart.process(ev))
+        in_order.ingest(history)
+        assert same_database(together) == same_database(apart) == same_database(in_order)
+        assert later_capitals(together) == later_capitals(in_order)
+        assert together.decisions() == apart.decisions()
+    assert sum(o.duplicate for o in outcomes) == 2
+
+
+def test_each_late_event_of_a_batch_answers_what_it_did(tmp_path):
+    """The outcome of each late event recomputed with others is what it did alone:
+    its capital before and after, its ledger, and the decisions it triggered."""
+    rules = simple_rules(tmp_path)
+    first = [event("p", "c", "purchase", 0), event("g", "c", "gift", 10)]
+    late = [event("i", "c", "incident", 2), event("r", "c", "review", 4),
+            event("g2", "c", "gift", 6)]
+
+    def shown(outcome):
+        return (outcome.capital_before, outcome.capital_after,
+                [(e.rule, e.points) for e in outcome.ledger],
+                sorted((d.action, d.trigger) for d in outcome.decisions))
+
+    with Engine.open(tmp_path / "a.db", rules=rules) as together, \
+            Engine.open(tmp_path / "b.db", rules=rules) as apart:
+        together.ingest(first)
+        apart.ingest(first)
+        _, results = together.ingest_batch(late)
+        alone = [apart.process(ev) for ev in late]
+        assert [shown(o) for _, o in results] == [shown(o) for o in alone]
+        assert same_database(together) == same_database(apart)
+    assert shown(alone[0])[3] == [("flag", "i")] and shown(alone[1])[3] == [("thanks", "r")]
