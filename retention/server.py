@@ -83,6 +83,8 @@ class _Pending:
     items: list[Incoming]
     source: str
     future: asyncio.Future[Any]
+    #: the signed message that carried them (recorded with them), if any
+    key: bytes | None = None
 
 
 class RetentionService:
@@ -203,18 +205,21 @@ class RetentionService:
                 items.extend(_with_source(item, pending.source) for item in pending.items)
             else:
                 items.extend(pending.items)
-        _, results = self._store.ingest_batch(items)
+        until = self.config.clock() + self._replays.keep
+        _, results = self._store.ingest_batch(
+            items, messages=[(p.key, until) for p in group if p.key is not None])
         out, start = [], 0
         for pending in group:
             out.append(results[start:start + len(pending.items)])
             start += len(pending.items)
         return out
 
-    async def _submit(self, items: list[Incoming], source: str = "") -> list[tuple[str, Any]]:
+    async def _submit(self, items: list[Incoming], source: str = "",
+                      key: bytes | None = None) -> list[tuple[str, Any]]:
         await self.start()
         assert self._queue is not None
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(items=items, source=source, future=future))
+        await self._queue.put(_Pending(items=items, source=source, future=future, key=key))
         return await future
 
     async def _read(self, function: Callable[[StoredEngine], Any]) -> Any:
@@ -320,12 +325,17 @@ class RetentionService:
         # a signed message is used once, whatever its unsigned parts (the ce-* headers
         # of a binary CloudEvent) say: claimed before the first await, so no two
         # requests can both find it new
-        used = self._replays.claim(key, self.config.clock())
+        now = self.config.clock()
+        used = self._replays.claim(key, now)
         if used is not None:
             return _replayed(headers["webhook-id"], used)
         stored = False
         try:
-            response, stored = await self._take(body, headers, origin, source, parse)
+            # stored before this process started (the database remembers it)
+            if await self._read(lambda store: store.message_stored(key, now)):
+                stored = True
+                return _replayed(headers["webhook-id"], "stored")
+            response, stored = await self._take(body, headers, origin, source, parse, key)
             return response
         finally:
             if stored:
@@ -334,8 +344,8 @@ class RetentionService:
                 self._replays.release(key)
 
     async def _take(self, body: bytes, headers: Mapping[str, str], origin: str, source: str,
-                    parse: Callable[[bytes, Mapping[str, str]], list[Any]]
-                    ) -> tuple[JSONResponse, bool]:
+                    parse: Callable[[bytes, Mapping[str, str]], list[Any]],
+                    key: bytes | None = None) -> tuple[JSONResponse, bool]:
         """The events of a verified body, stored; the answer, and whether anything was
         stored (the events, or the body as a dead letter)."""
         try:
@@ -359,7 +369,7 @@ class RetentionService:
                      for n, raw in enumerate(raws, 1)]
             refused = None
         try:
-            results = await self._submit(items, source)
+            results = await self._submit(items, source, key)
         except RetentionError as exc:
             return JSONResponse({"error": f"not stored: {exc}"}, status_code=503), False
         except Exception as exc:

@@ -716,15 +716,35 @@ class StoredEngine(Engine):
                 progress(len(batch))
         return report
 
-    def ingest_batch(self, items: list[Incoming | Mapping[str, Any]], *, source: str = ""
+    def ingest_batch(self, items: list[Incoming | Mapping[str, Any]], *, source: str = "",
+                     messages: Iterable[tuple[bytes, float]] = ()
                      ) -> tuple[IngestReport, list[tuple[str, Any]]]:
         """Ingest ``items`` in one transaction, whatever ``batch_size`` says, and say
         what became of each, in order: ``("new", outcome)``, ``("duplicate", outcome)``,
-        ``("identified", None)`` or ``("dead_lettered", reason)``."""
+        ``("identified", None)`` or ``("dead_lettered", reason)``. ``messages``, the
+        signed messages that carried them (key, kept until), are recorded in the same
+        transaction (see :meth:`message_stored`)."""
         batch = [item if isinstance(item, Incoming) else Incoming(raw=item) for item in items]
         results: dict[int, Any] = {}
-        report = self._ingest_batch(batch, source, results=results)
+        kept = list(messages)
+
+        def record() -> None:
+            # (what expired over a day before these do goes: the table stays small)
+            self.db.execute("DELETE FROM signed_messages WHERE until < ?",
+                            [min(until for _, until in kept) - 86_400])
+            self.db.conn.executemany(
+                "INSERT INTO signed_messages (key, until) VALUES (?, ?) ON CONFLICT(key)"
+                " DO UPDATE SET until = max(until, excluded.until)", kept)
+
+        report = self._ingest_batch(batch, source, results=results,
+                                    also=record if kept else None)
         return report, [results.get(id(item), ("dead_lettered", "not used")) for item in batch]
+
+    def message_stored(self, key: bytes, now: float) -> bool:
+        """Whether a signed message (by ``signing.message_key``) was stored here and
+        its signature could still be accepted at ``now``."""
+        return self.db.execute("SELECT 1 FROM signed_messages WHERE key = ? AND until >= ?",
+                               [key, now]).fetchone() is not None
 
     def process(self, event: Mapping[str, Any] | Event, *, source: str = "") -> Outcome:
         """Process and store one event (a batch of one). A bad event raises

@@ -165,6 +165,30 @@ def test_another_spelling_of_the_signed_timestamp_is_the_same_message(signed, sp
     assert copy.body.get("replayed") is True or copy.status == 401, copy.body
     assert rows(db, "SELECT id FROM events") == [("ce-1",)]
 
+def test_a_signed_message_stored_before_a_restart_is_not_stored_again(tmp_path):
+    """The guard was in memory: after a restart, a signed binary CloudEvent with a new
+    unsigned ce-id was stored again. The database remembers what it stored."""
+    from retention.store import StoredEngine
+    from tests.test_server import RETAIL, config_of, rows, serving, sign
+
+    db = tmp_path / "shop.db"
+    StoredEngine(db, RETAIL).close()
+    body = json.dumps({"amount": 55}).encode()
+    headers = {**BINARY, **sign(SECRET.encode(), body, "msg_restart")}
+    with serving(create_app(config_of(db, {"standard.secret": SECRET}))) as server:
+        first = server.post("/events", raw=body, headers=headers)
+        assert first.status == 200 and first.body["new"] == 1, first.body
+    with serving(create_app(config_of(db, {"standard.secret": SECRET}))) as again:
+        copy = again.post("/events", raw=body, headers={**headers, "ce-id": "copy"})
+        assert copy.status == 200 and copy.body.get("replayed") is True, copy.body
+        other = json.dumps({"amount": 56}).encode()  # another message still goes in
+        fresh = again.post("/events", raw=other,
+                           headers={**BINARY, "ce-id": "ce-2",
+                                    **sign(SECRET.encode(), other, "msg_other")})
+        assert fresh.status == 200 and fresh.body["new"] == 1, fresh.body
+    assert rows(db, "SELECT id FROM events ORDER BY id") == [("ce-1",), ("ce-2",)]
+
+
 # 2. Email header injection through encoded words.
 
 _MAIL_RULES = """\

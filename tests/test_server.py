@@ -902,10 +902,10 @@ def test_a_request_that_breaks_its_group_commit_fails_alone(server, db, monkeypa
     store = service._store
     ingest = store.ingest_batch
 
-    def ingest_batch(items: Any, source: str = "") -> Any:  # a bug some input triggers
+    def ingest_batch(items: Any, **options: Any) -> Any:  # a bug some input triggers
         if any(isinstance(i.raw, dict) and i.raw.get("id") == "poison" for i in items):
             raise RuntimeError("a bug")
-        return ingest(items, source=source)
+        return ingest(items, **options)
 
     monkeypatch.setattr(store, "ingest_batch", ingest_batch)
     barrier = threading.Barrier(clients)
