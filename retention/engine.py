@@ -1108,14 +1108,13 @@ class Engine:
         new.sort(key=lambda d: (d.at, d.id))
         return result[0], result[1], result[2], new
 
-    def _late(self, ev: Event) -> bool:
-        """Whether ``ev`` comes before what its customer's state already holds (their
-        latest event, or a tick past it): applying it means recomputing them."""
-        c = self._customers.get(ev.customer)
-        if c is None or c.last is None:
-            return False
-        return not (ev.ts >= c.level_time and (
-            ev.ts > c.last[0] or (ev.ts, ev.id, ev.source) > c.last))
+    @staticmethod
+    def _late(c: Customer, ev: Event) -> bool:
+        """Whether ``ev`` comes before what ``c``'s state already holds (their latest
+        event, or a tick past it): applying it means recomputing them."""
+        last = c.last
+        return last is not None and not (ev.ts >= c.level_time and (
+            ev.ts > last[0] or (ev.ts, ev.id, ev.source) > last))
 
     def _replay_all(self, events: list[Event]) -> dict[int, Outcome]:
         """Late events of one customer, new and distinct, recomputed together: one

@@ -948,18 +948,19 @@ class StoredEngine(Engine):
         which names the event at fault."""
         groups: dict[str, list[tuple[Event, Incoming]]] = {}
         taken: set[tuple[str, str]] = set()
+        customers = self._customers
         for ev, item in segment:
             canonical = aliases.get(ev.customer, ev.customer)
+            c = customers.get(canonical)  # (loaded for the batch: none, nothing is late)
+            if c is None or not self._late(c, ev):
+                continue
             seen = self._seen if not ev.source else self._seen_from.get(ev.source, {})
             if ev.id in seen or (ev.source, ev.id) in taken:
                 continue
             if canonical != ev.customer:
                 ev = attrs.evolve(ev, customer=canonical)
-            if canonical not in self._customers:
-                continue  # (loaded for the batch: unknown, so nothing is late)
-            if self._late(ev):
-                taken.add((ev.source, ev.id))
-                groups.setdefault(canonical, []).append((ev, item))
+            taken.add((ev.source, ev.id))
+            groups.setdefault(canonical, []).append((ev, item))
         found: dict[int, Outcome] = {}
         for group in groups.values():
             if len(group) < 2:
