@@ -144,6 +144,8 @@ def main() -> None:
     print(f"tick time ratio ({args.tick_customers // args.customers}x the customers, "
           f"same due): {ratio:.2f} (must stay under 3)")
     print(f"peak memory (max RSS): {peak_mb():,.0f} MB")
+    if ratio >= 3:
+        sys.exit("the tick time ratio is not under 3: tick does not cost what is due alone")
 
 
 if __name__ == "__main__":
