@@ -552,10 +552,7 @@ class Engine:
         customer = self._customers.get(ev.customer)
         if customer is None:
             customer = self._customers[ev.customer] = Customer(id=ev.customer)
-        last = customer.last
-        key = (ev.ts, ev.id, ev.source)
-        if last is None or (ev.ts >= customer.level_time and (
-                ev.ts > last[0] or key > last)):
+        if not self._late(customer, ev):
             mark, decided = len(customer.log), len(customer.decisions or ())
             try:
                 before, after, ledger, decisions = self._apply(customer, ev)
@@ -563,7 +560,7 @@ class Engine:
             except BaseException:
                 self._undo(customer, mark, decided)  # an event is applied whole or not at all
                 raise
-            customer.last = key
+            customer.last = (ev.ts, ev.id, ev.source)
         else:
             before, after, ledger, decisions = self._replay(customer, ev)
             customer = self._customers[ev.customer]
@@ -609,7 +606,7 @@ class Engine:
         t = _moment(at)
         if c.last is not None and t < c.last[0]:
             c = self._rebuild(c.id, [r for r in self._history(c) if r[0] <= t],
-                              horizon=-math.inf)[0]
+                              horizon=-math.inf)
         if c.opened_at is None or t < c.opened_at:
             return None
         return capital_at(c, self._rules, t)
@@ -676,7 +673,7 @@ class Engine:
             return None
         t = _moment(at)
         fresh = self._rebuild(c.id, [r for r in self._history(c) if r[0] <= t],
-                              horizon=t, ledger=ledger)[0]
+                              horizon=t, ledger=ledger)
         if ledger is not None and fresh.opened_at is not None and fresh.opened_at <= t:
             moment = at if isinstance(at, datetime) else parse_instant(at)
             ledger.extend(unsettled_entries(fresh, self._rules, t, moment))
@@ -707,7 +704,7 @@ class Engine:
         self._derive(new)
         self._due = []
         for cid, old in list(self._customers.items()):
-            fresh = self._rebuild(cid, self._history(old), horizon=old.horizon)[0]
+            fresh = self._rebuild(cid, self._history(old), horizon=old.horizon)
             if old.decisions:
                 fresh.decisions = {**old.decisions, **(fresh.decisions or {})}
             self._customers[cid] = fresh
@@ -1066,23 +1063,17 @@ class Engine:
     # -- replays and the schedule ----------------------------------------------------
 
     def _rebuild(self, cid: str, rows: Iterable[tuple[Any, ...]], *, horizon: float,
-                 watch: tuple[Any, ...] | None = None,
                  ledger: list[LedgerEntry] | None = None,
-                 watched: dict[int, tuple[Any, ...]] | None = None
-                 ) -> tuple[Customer, tuple[Any, ...]]:
+                 watched: dict[int, tuple[Any, ...]] | None = None) -> Customer:
         """A customer recomputed from their events in time order, then brought to the
-        tick horizon they had; also returns what ``watch`` (one of the rows) did, and
-        collects the ledger into ``ledger`` when one is given (and what each row
-        whose ``id`` is a key of ``watched`` did, into it)."""
+        tick horizon they had; collects the ledger into ``ledger`` when one is given,
+        and what each row whose ``id`` is a key of ``watched`` did, into it."""
         fresh = Customer(id=cid)
-        result: tuple[Any, ...] = (None, None, [], [])
         for row in sorted(rows, key=lambda r: r[:3]):
             outcome = self._apply(fresh, _event_of(cid, row))
             fresh.log += _pack(row)
             fresh.last = row[:3]
             self._plan(fresh)
-            if row is watch:
-                result = outcome
             if watched is not None and id(row) in watched:
                 watched[id(row)] = outcome
             if ledger is not None:
@@ -1092,21 +1083,30 @@ class Engine:
             fresh.level_time = horizon
             self._plan(fresh)
         fresh.horizon = horizon
-        return fresh, result
+        return fresh
 
     def _replay(self, c: Customer, ev: Event
                 ) -> tuple[float | None, float | None, list[LedgerEntry], list[Decision]]:
         """A late event: recompute the customer from all their events, in time order."""
         row = _row(ev)
+        done, new = self._recompute_with(c, [row])
+        new.sort(key=lambda d: (d.at, d.id))
+        before, after, ledger, _ = done[id(row)]
+        return before, after, ledger, new
+
+    def _recompute_with(self, c: Customer, rows: list[tuple[Any, ...]]
+                        ) -> tuple[dict[int, tuple[Any, ...]], list[Decision]]:
+        """``c`` recomputed from their events and the late ``rows``, in time order, and
+        kept: what each row did (by its ``id``) and the decisions new to the outbox."""
+        done: dict[int, tuple[Any, ...]] = {id(row): (None, None, [], []) for row in rows}
         ledger: list[LedgerEntry] = []
-        fresh, result = self._rebuild(c.id, [*self._history(c), row], horizon=c.horizon,
-                                      watch=row, ledger=ledger)
+        fresh = self._rebuild(c.id, [*self._history(c), *rows], horizon=c.horizon,
+                              ledger=ledger, watched=done)
         new = self._reconcile(decided(c), fresh)
         fresh.scheduled = c.scheduled
         self._customers[c.id] = fresh
         self._recomputed(fresh, ledger)
-        new.sort(key=lambda d: (d.at, d.id))
-        return result[0], result[1], result[2], new
+        return done, new
 
     @staticmethod
     def _late(c: Customer, ev: Event) -> bool:
@@ -1124,14 +1124,7 @@ class Engine:
         last of them."""
         c = self._customers[events[0].customer]
         rows = [_row(ev) for ev in events]
-        done: dict[int, tuple[Any, ...]] = {id(row): (None, None, [], []) for row in rows}
-        ledger: list[LedgerEntry] = []
-        fresh, _ = self._rebuild(c.id, [*self._history(c), *rows], horizon=c.horizon,
-                                 ledger=ledger, watched=done)
-        new = self._reconcile(decided(c), fresh)
-        fresh.scheduled = c.scheduled
-        self._customers[c.id] = fresh
-        self._recomputed(fresh, ledger)
+        done, new = self._recompute_with(c, rows)
         triggers = {_trigger(ev): ev for ev in events}
         made: dict[int, list[Decision]] = {id(ev): [] for ev in events}
         for d in sorted(new, key=lambda d: (d.at, d.id)):
@@ -1142,6 +1135,7 @@ class Engine:
             seen = self._seen if not ev.source else self._seen_from.setdefault(ev.source, {})
             seen[ev.id] = None
             out[id(ev)] = _outcome(ev, before, after, tuple(entries), tuple(made[id(ev)]))
+        fresh = self._customers[c.id]
         fresh.dirty = True
         self._schedule(fresh)
         return out
@@ -1173,7 +1167,7 @@ class Engine:
         if not rows:
             del self._customers[c.id]
             return
-        fresh = self._rebuild(c.id, rows, horizon=c.horizon)[0]
+        fresh = self._rebuild(c.id, rows, horizon=c.horizon)
         if c.decisions:
             kept = dict(itertools.islice(c.decisions.items(), decided))
             fresh.decisions = {**(fresh.decisions or {}), **kept}

@@ -1047,7 +1047,7 @@ class StoredEngine(Engine):
             else:
                 known[d.id] = d  # both delivered: both stay, as they are
         ledger: list[LedgerEntry] = []
-        fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)[0]
+        fresh = self._rebuild(canonical, rows, horizon=horizon, ledger=ledger)
         self._reconcile(known, fresh)
         self._customers[canonical] = fresh
         self._recomputed(fresh, ledger)
@@ -1221,7 +1221,7 @@ class StoredEngine(Engine):
                         for cid in part:
                             old = self._customers[cid]
                             fresh = self._rebuild(cid, self._history(old),
-                                                  horizon=max(old.horizon, ticked))[0]
+                                                  horizon=max(old.horizon, ticked))
                             # the outbox follows the new history, as after a late event
                             self._reconcile(decided(old), fresh)
                             self._customers[cid] = fresh
