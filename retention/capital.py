@@ -33,6 +33,19 @@ NEGLIGIBLE = 1e-6
 
 FIRE, REARM = "fire", "rearm"
 
+#: Ties at thresholds: a value within this share of a threshold (and within this many
+#: points of one under 1) counts as on it. Rule files of whole numbers land on
+#: thresholds exactly (150 - 12 - 48 + 10 = 100) where float rounding may leave
+#: 99.99999999999997; the tolerance decides those as the arithmetic says. It is
+#: ten thousand times float rounding at 100 points, and a drain of 1 point a day
+#: takes 0.1 ms to cross the 1e-9 points it gives at 100.
+TIE = 1e-11
+
+
+def tie(threshold: float) -> float:
+    """How far short of ``threshold`` a value still counts as at it."""
+    return TIE * max(1.0, abs(threshold))
+
 
 #: How the memory of an incident fades, as plain values: ``("L", over)`` (in a
 #: straight line, gone after ``over`` seconds), ``("H", half_life)`` or
@@ -138,8 +151,12 @@ def fading_penalty(points: float, t0: float, fade: FadeKey, keep: float, rule: s
 
 
 def remaining(penalty: PenaltyRow, t: float) -> float:
-    """The points a penalty still takes at ``t``."""
-    points, t0, fade, keep = penalty[:4]
+    """The points a penalty still takes at ``t``: from ``settles_at`` on, its keep
+    floor (nothing, for a trace without one: it is forgotten then, whether or not
+    an event has settled it yet)."""
+    points, t0, fade, keep, _, _, settles_at = penalty
+    if t >= settles_at:
+        return points * keep
     share = share_left(fade, t - t0)
     return points * (share if share > keep else keep)
 
@@ -219,7 +236,10 @@ def silence_due(state: Capital, rules: RuleSet, t: float) -> float:
 def traces(state: Capital, t: float) -> float:
     """``T(t)``: the points the penalties still take at ``t``."""
     total = 0.0
-    for points, t0, fade, keep, _, _, _ in state.penalties:
+    for points, t0, fade, keep, _, _, settles_at in state.penalties:
+        if t >= settles_at:
+            total += points * keep
+            continue
         share = share_left(fade, t - t0)
         total += points * (share if share > keep else keep)
     return total
@@ -241,7 +261,10 @@ def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
         idle = t - state.last_contact - silence.after
         if idle > 0:
             value -= silence.rate_per_day * idle / DAY
-    for points, t0, fade, keep, _, _, _ in state.penalties:
+    for points, t0, fade, keep, _, _, settles_at in state.penalties:
+        if t >= settles_at:
+            value -= points * keep  # (nothing for a forgotten trace: see remaining())
+            continue
         share = share_left(fade, t - t0)
         value -= points * (share if share > keep else keep)
     return value
@@ -434,11 +457,12 @@ def level_transitions(
     # licence step in between, so capital is concave all along and no level fires
     # while capital ends at or above the highest of them.
     licence = rules.licence
-    if all(armed) and (
+    forgotten = [p[6] for p in state.penalties if p[3] == 0 and t_from < p[6] <= t_to]
+    if all(armed) and not forgotten and (
             licence is None or (t_from - state.clean_since) // licence.clean_for
             == (t_to - state.clean_since) // licence.clean_for) and clamp(
             raw_capital(state, rules, m_hi / 1000.0), cap.min, cap.max) >= max(
-            level.below for level in levels):
+            level.fires_below for level in levels):
         return []
 
     def raw(m: int) -> float:
@@ -447,9 +471,11 @@ def level_transitions(
     def capital(m: int) -> float:
         return clamp(raw(m), cap.min, cap.max)
 
+    # capital jumps up at a licence step and where a trace without a floor is
+    # forgotten: concave between those
     bounds = [m_lo]
-    for step in _licence_steps(state, rules, t_from, t_to):
-        m = math.ceil(step * 1000.0)
+    for jump in sorted([*_licence_steps(state, rules, t_from, t_to), *forgotten]):
+        m = math.ceil(jump * 1000.0)
         if bounds[-1] < m <= m_hi:
             bounds.append(m)
     bounds.append(m_hi + 1)
@@ -469,7 +495,7 @@ def level_transitions(
         for index, level in enumerate(levels):
             start = a
             if not armed[index]:
-                target = level.below + level.rearm
+                target = level.rearms_at
                 if clamp(ceiling(a, b), cap.min, cap.max) < target:
                     continue
                 rise = _first_at_least(raw, target, start, b)
@@ -478,10 +504,10 @@ def level_transitions(
                 start = rise
                 found.append((start / 1000.0, index, REARM))
                 armed[index] = True
-            if end_value >= level.below:
+            if end_value >= level.fires_below:
                 continue  # concave: at or above the level at both ends, so all along
-            hit = start if raw(start) < level.below else _crossing(
-                raw, level.below, start, b, falling=True)
+            hit = start if raw(start) < level.fires_below else _crossing(
+                raw, level.fires_below, start, b, falling=True)
             found.append((hit / 1000.0, index, FIRE))
             armed[index] = False
     found.sort(key=lambda item: (item[0], item[1]))

@@ -37,6 +37,7 @@ from .capital import (
     next_level_change,
     remaining,
     settle,
+    tie,
     unsettled,
 )
 from .errors import EventError
@@ -734,7 +735,7 @@ class Engine:
             c.opened_at = c.last_contact = c.clean_since = t
             c.balance = cap.initial
             # bytearrays, not lists: one flag per level, invisible to the collector
-            c.armed = bytearray(cap.initial >= lv.below for lv in rules.levels)
+            c.armed = bytearray(cap.initial >= lv.fires_below for lv in rules.levels)
             c.fired = bytearray(len(rules.levels))
             c.level_time = t
             self._calm(c)
@@ -748,10 +749,11 @@ class Engine:
             days_idle = (t - c.last_contact) / DAY
             banked = c.balance
             licence, silence, faded, before = settle(c, rules, t, plan.contact)
-            if c.calm_high < _INF and c.balance != banked + licence:
+            if rules.licence is not None and c.balance != banked + licence:
                 # the silence drain or a trace at its floor went into the balance:
-                # capital now is the same, but the licence has more room, so a
-                # level waiting to re-arm may do so sooner
+                # capital now is the same, but the licence has more room, so its
+                # next step may give points (and a level waiting to re-arm may do
+                # so sooner)
                 c.dirty = True
             if licence:
                 ledger.append(LedgerEntry(
@@ -850,7 +852,7 @@ class Engine:
             for field in rule.recovered_by:
                 link = _link(ev.get(field))
                 if link is not None:
-                    self._remember(c, (rule.name, link),
+                    self._remember(c, (rule.name, field, link),
                                    (t, penalty, -applied, False, _trigger(ev)))
         if reason:
             ledger.append(_entry((c.id, rule.name, applied, ev.at, ev.id, rule.category,
@@ -873,8 +875,12 @@ class Engine:
         rec = rule.recovery
         t = ev.ts
         link = _link(ev.get(rec.match))
-        key = (rec.rule, link)
+        # an incident is found by its field and value: a ticket "x1" is not an order "x1"
+        key = (rec.rule, rec.match, link)
         kept = c.taken.get(key) if link is not None and c.taken else None
+        if kept is None and link is not None and c.taken:
+            key = (rec.rule, link)  # (remembered by a snapshot written before fields were)
+            kept = c.taken.get(key)
         if kept is None:
             return
         taken = Taken(*kept)
@@ -961,7 +967,7 @@ class Engine:
             count = len(window) // 16
             total = sum(doubles(window)[1::2])
             if (rec.purchases is not None and count >= rec.purchases) or (
-                    rec.spent is not None and total >= rec.spent):
+                    rec.spent is not None and total >= rec.spent - tie(rec.spent)):
                 c.rewarded = (*(c.rewarded or ()), rec.name)
                 del c.windows[rec.name]
                 made.extend(self._decide(c, rec.name, rec.then, t, ev.at, _trigger(ev), 0.0,
@@ -995,11 +1001,11 @@ class Engine:
         made: list[Decision] = []
         for index, level in enumerate(self._rules.levels):
             if c.armed[index]:
-                if capital < level.below:
+                if capital < level.fires_below:
                     c.armed[index] = False
                     c.fired[index] = True
                     made.extend(self._fire(c, index, t, at, trigger))
-            elif capital >= level.below + level.rearm:
+            elif capital >= level.rearms_at:
                 c.armed[index] = True
                 c.fired[index] = False
         self._calm(c)
@@ -1010,9 +1016,9 @@ class Engine:
         low, high = -math.inf, math.inf
         for level, armed in zip(self._rules.levels, c.armed, strict=True):
             if armed:
-                low = max(low, level.below)
+                low = max(low, level.fires_below)
             else:
-                high = min(high, level.below + level.rearm)
+                high = min(high, level.rearms_at)
         c.calm_low, c.calm_high = low, high
         c.dirty = True
 

@@ -251,9 +251,12 @@ rules:
     assert refunds == [pytest.approx(20 * (1 - 1 / 60) * 0.5)] * 2
 
 
-def test_a_silence_firing_a_hair_below_the_level_before_a_step_is_not_missed():
-    """At the millisecond before a licence step the drain takes capital just below
-    the level (by rounding): it fires there, and the plan says so."""
+def test_a_silence_drain_a_hair_below_the_level_before_a_step_is_a_tie():
+    """At the millisecond before a licence step the drain takes capital to the level,
+    less float rounding (3.6e-15): a tie, so the level does not fire there (it did
+    before ties were decided as the arithmetic says). It fires when the drain really
+    takes capital below: after the step (29.1) and the contact at 01-21 (28.56), one
+    day of grace, then 0.46 points at 0.3 a day: 2026-01-23T12:48."""
     e = engine("""
 capital: {initial: 33.26, min: 0, max: 100}
 silence: {after: 1d, rate_per_day: 0.3}
@@ -265,10 +268,14 @@ actions:
 """)
     e.process({"id": "p", "customer": "c", "type": "purchase",
                "at": "2026-01-01T00:00:00+00:00"})
+    hair = e.capital("c", at="2026-01-19T04:48:00.000+00:00") - 28.1
+    assert -1e-12 < hair < 0
     outcome = e.process({"id": "x", "customer": "c", "type": "email_open",
                          "at": "2026-01-21T00:00:00+00:00"})
-    assert [(d.rule, d.trigger) for d in outcome.decisions] == [
-        ("watch", "time:2026-01-19T04:48:00.000Z")]
+    assert outcome.decisions == ()
+    assert outcome.capital_after == pytest.approx(28.56)
+    assert [d.trigger for d in e.tick("2026-03-01T00:00:00+00:00")] == [
+        "time:2026-01-23T12:48:00.001Z"]
 
 
 @pytest.mark.parametrize("refund, first, second", [(0.5, 10.0, 5.0), (1.0, 20.0, 0.0)])

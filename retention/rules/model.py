@@ -7,7 +7,7 @@ from typing import Any
 
 import attrs
 
-from ..capital import Fade
+from ..capital import Fade, tie
 from .expressions import Condition
 
 CATEGORIES = ("incident", "pull", "satisfaction", "recovery", "contribution")
@@ -115,6 +115,19 @@ class Level:
     rearm: float = 5.0
     then: tuple[ActionRef, ...] = ()
     holdout: float = 0.0
+    #: capital under this fires the level, at or over ``rearms_at`` it re-arms: the
+    #: thresholds less the tolerance for ties (see ``capital.tie``)
+    fires_below: float = attrs.field(init=False, repr=False, eq=False)
+    rearms_at: float = attrs.field(init=False, repr=False, eq=False)
+
+    @fires_below.default
+    def _fires_below(self) -> float:
+        return self.below - tie(self.below)
+
+    @rearms_at.default
+    def _rearms_at(self) -> float:
+        back = self.below + self.rearm
+        return back - tie(back)
 
 
 @attrs.frozen(kw_only=True)
