@@ -53,6 +53,7 @@ import ast
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import tokenize
@@ -79,7 +80,7 @@ class Block(NamedTuple):
     doc: str                  # the page, relative to the repository
     line: int                 # the page's line of the block's first line of code
     lang: str                 # the word after the fence: python, yaml, text, "" ...
-    marks: tuple[str, ...]    # the words after it: no-run, error NAME
+    marks: tuple[str, ...]    # the words after it: no-run, excerpt, error NAME
     text: str
     gap: str                  # the page's text between the block before and this one
 
@@ -231,6 +232,8 @@ AFTER = {"docs/serve.md": serve_the_mounted_app}
 @pytest.mark.parametrize("doc", [d for d in DOCS
                                  if any(b.lang == "python" for b in blocks(d))])
 def test_python_blocks_run_and_show_what_they_give(doc, tmp_path, monkeypatch):
+    for name in [n for n in os.environ if n.startswith("RETENTION_")]:
+        monkeypatch.delenv(name)  # the pages show the defaults
     monkeypatch.chdir(prepare(tmp_path, doc))
     namespace: dict[str, Any] = {"__name__": "__main__"}
     page = blocks(doc)
@@ -293,6 +296,17 @@ def test_every_python_block_runs_or_says_why():
         "a ```python no-run block is listed in NOT_RUN with the reason, and only those")
     for block in all_blocks("python"):
         assert set(block.marks) <= {"no-run"}, f"{block_id(block)}: unknown mark {block.marks}"
+
+
+SECTIONS = ("capital:", "rules:", "silence:", "licence:", "levels:", "recognition:",
+            "pressure:", "consent:", "actions:")
+
+
+def test_rule_files_are_fenced_as_yaml():
+    """A rule file shown in a plain block would escape the checks below."""
+    for block in all_blocks(""):
+        assert not block.text.startswith(SECTIONS), (
+            f"{block_id(block)}: fence a rule file as ```yaml (or ```yaml error NAME)")
 
 
 @pytest.mark.parametrize("block", [b for b in all_blocks("yaml") if not b.marks],
