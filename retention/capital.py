@@ -1,4 +1,5 @@
-"""The arithmetic of tolerance capital (DESIGN.md section 4), pure: no I/O, no clock.
+"""The arithmetic of tolerance capital (docs/concepts.md, "Capital at time t" to
+"Points licence"), pure: no I/O, no clock.
 
 Capital at time ``t`` is computed lazily from a small settled state::
 

@@ -1,4 +1,5 @@
-"""Processing: events in, capital, ledger and decisions out (DESIGN.md sections 4 to 6).
+"""Processing: events in, capital, ledger and decisions out (docs/concepts.md,
+"Processing one event" to "Decisions: pressure, consent, holdout").
 
 The engine holds, per customer, the settled capital state and the bookkeeping the
 rules need (repeat windows, recoverable incidents, recognition counters, the

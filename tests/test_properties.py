@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md section 4, on generated rule files and event streams."""
+"""The invariants of docs/concepts.md's arithmetic, on generated rule files and event streams."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SQLite store (DESIGN.md section 8): real files under tmp_path, no mocks.
+"""The SQLite store (docs/store.md): real files under tmp_path, no mocks.
 
 The store must mean what the in-memory engine means: the same events and rules
 give the same capital, ledger and decisions, whatever the batches and the order

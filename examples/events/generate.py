@@ -12,7 +12,7 @@ The stream covers 2025-01-01 to 2026-06-30 and mixes five kinds of customers:
 - prospects: browse and open emails but never buy (their relationship never opens).
 
 Every event is one JSON object per line (id, customer, type, at, source and properties, see
-DESIGN.md sections 3 to 5), sorted by `at`. The output depends only on the seed and the
+docs/concepts.md, Events and time), sorted by `at`. The output depends only on the seed and the
 number of customers, so re-running gives a byte-identical file:
 
     .venv/bin/python examples/events/generate.py                 # writes retail.jsonl

@@ -1,4 +1,4 @@
--- The embedded store: DESIGN.md section 8.
+-- The embedded store: docs/store.md.
 
 -- Append-only event log, keyed by (source, id): an id is unique per source.
 CREATE TABLE events (
