@@ -72,11 +72,9 @@ def reaches(fade: FadeKey, share: float) -> float:
         return fade[1] * (1.0 - share)
     if kind == "H":
         return math.inf if share <= 0 else fade[1] * math.log2(1.0 / share)
-    rate, per = fade[1], fade[2]
+    rate, per = fade[1], fade[2]  # (0 < rate < 1: the loader refuses other rates)
     if share <= 0:
-        return math.inf if rate < 1 else 0.0
-    if rate >= 1:
-        return 0.0
+        return math.inf
     return per * math.log(share) / math.log(1.0 - rate)
 
 

@@ -308,3 +308,12 @@ def test_the_examples_are_valid_under_the_json_schema_and_mistakes_are_not():
              "levels": [{"name": "w", "below": 5, "holdout": 1}]}
     assert sorted("/".join(map(str, e.path)) for e in validator.iter_errors(wrong)) == [
         "actions/c", "levels/0/holdout", "recognition/r", "rules", "rules/a", "rules/a"]
+
+
+@pytest.mark.parametrize("rate", ["0%", "100%", "1.5"])
+def test_a_fade_rate_must_be_between_0_and_100_percent(rate):
+    """A trace losing 100% of itself is gone the moment after its incident: refused,
+    as a rate of 0 (which never fades) is."""
+    found = problems("capital: {initial: 70}\nrules:\n  late: {when: event.type == \"late\", "
+                     f"points: -5, fades: {{rate: {rate}, per: 7d}}}}\n")
+    assert len(found) == 1 and "rate must be" in found[0], found

@@ -88,6 +88,8 @@ class Run:
             p = ref.people[cid]
             where = self.story(cid)
             truth = truths[cid]
+            if truth is not None:
+                p.seen.add("the plan met a real change")
             assert plans[cid] <= (truth + 1) / 1000 if truth is not None else True, (
                 f"planned {plans[cid]}, first change at {truth / 1000}\n{where}")
             assert sorted(made[cid]) == sorted(p.decided.values()), where

@@ -817,6 +817,11 @@ class _Compiler:
         if rate is not None and rate <= 0:
             inner.error("rate", "rate must be more than 0%")
             return None
+        if rate is not None and rate >= 1:
+            # (1 - 100%) ** (d / per) is gone the moment after the incident
+            inner.error("rate", "rate must be less than 100% (an incident that is "
+                                "forgotten at once takes no points: remove them)")
+            return None
         return RateFade(rate, per) if rate is not None and per else None
 
     def _rules(self, actions: dict[str, Action]) -> list[Rule]:
