@@ -234,14 +234,7 @@ def silence_due(state: Capital, rules: RuleSet, t: float) -> float:
 
 def traces(state: Capital, t: float) -> float:
     """``T(t)``: the points the penalties still take at ``t``."""
-    total = 0.0
-    for points, t0, fade, keep, _, _, settles_at in state.penalties:
-        if t >= settles_at:
-            total += points * keep
-            continue
-        share = share_left(fade, t - t0)
-        total += points * (share if share > keep else keep)
-    return total
+    return sum(remaining(penalty, t) for penalty in state.penalties)
 
 
 def raw_capital(state: Capital, rules: RuleSet, t: float) -> float:
