@@ -750,11 +750,13 @@ class Engine:
             days_idle = (t - c.last_contact) / DAY
             banked = c.balance
             licence, silence, faded, before = settle(c, rules, t, plan.contact)
-            if rules.licence is not None and c.balance != banked + licence:
+            settled = banked + licence  # the balance once the licence is banked
+            if rules.licence is not None and c.balance != settled and (
+                    c.calm_high < _INF or settled >= rules.licence.up_to > c.balance):
                 # the silence drain or a trace at its floor went into the balance:
-                # capital now is the same, but the licence has more room, so its
-                # next step may give points (and a level waiting to re-arm may do
-                # so sooner)
+                # capital now is the same, but the licence has more room, so a level
+                # waiting to re-arm may do so sooner, and a licence that had none
+                # left (its next step planned as never) gives points again
                 c.dirty = True
             if licence:
                 ledger.append(LedgerEntry(
