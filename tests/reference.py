@@ -17,6 +17,7 @@ thresholds"): capital within ``TIE`` of a threshold counts as on it.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -513,6 +514,13 @@ class Reference:
                  and p.fired[i]]
         return min(fired, key=lambda lv: lv.below).name if fired else None
 
+    def moves_until(self, customer: str, t: int) -> list[tuple[int, int, str]]:
+        """What time alone does to the levels after the customer's last event, up to
+        ``t`` included: (time, level index, fire|rearm) in time order, the customer
+        left as it was."""
+        p = copy.deepcopy(self.people[customer])
+        return self.time_moves(p, p.level_time, t)
+
     def pieces(self, p: Person, lo: int, hi: int) -> list[tuple[int, int]]:
         """[lo, hi] cut where capital jumps up (a licence step, a trace forgotten):
         between those, capital before clamping is concave in time."""
@@ -531,12 +539,12 @@ class Reference:
         ends = [b - 1 for b in bounds] + [hi]
         return list(zip(starts, ends, strict=True))
 
-    def time_moves(self, p: Person, after: int, until: int) -> None:
+    def time_moves(self, p: Person, after: int, until: int) -> list[tuple[int, int, str]]:
         """Fire and re-arm what time alone did in (after, until], each level on its own,
-        then decide in time order."""
+        then decide in time order; the moves, in that order."""
         lo, hi = after + 1, until
         if hi < lo or not self.m.levels:
-            return
+            return []
         pieces = self.pieces(p, lo, hi)
         moves = []
         for i, lv in enumerate(self.m.levels):
@@ -558,6 +566,7 @@ class Reference:
                             lv.holdout)
             else:
                 p.armed[i], p.fired[i] = True, False
+        return sorted(moves)
 
     def first_move(self, p: Person, lv: Level, armed: bool, pieces, start: int) -> int | None:
         if armed:

@@ -3,7 +3,8 @@
 Generated rule files and customers' stories go through both; they must agree on
 every outcome's capital before and after, the capital between events, the
 ledger, each decision (cause, action, trigger, time to the millisecond, status,
-parameters), the level, and the plan (``next_change`` never later than the
+parameters), what time does to the levels between events (each firing and re-arming,
+to the millisecond), the level, and the plan (``next_change`` never later than the
 first thing time would really do).
 """
 
@@ -18,9 +19,10 @@ from hypothesis import Phase, event, given, settings
 from hypothesis import strategies as st
 
 from retention import Engine, load_texts
+from retention.capital import level_transitions
 from retention.engine import in_holdout
 
-from .reference import DAY_MS, Reference, render
+from .reference import DAY_MS, Reference, instant, render
 from .strategies import random_model, random_stories
 
 START_MS = int(datetime(2026, 1, 1, tzinfo=UTC).timestamp() * 1000)
@@ -68,6 +70,12 @@ class Run:
                 at = datetime.fromtimestamp(s / 1000, UTC).isoformat(timespec="milliseconds")
                 assert engine.capital(cid, at=at) == pytest.approx(
                     ref.capital(cid, s), abs=CLOSE), f"capital at {at}\n{self.story(cid)}"
+                if ref.capital(cid, s) is not None:  # what time did to the levels by then
+                    last = engine.as_of(cid, instant(previous[cid]))
+                    moves = level_transitions(last, engine.rules, bytearray(last.armed),
+                                              last.level_time, s / 1000, include_end=True)
+                    assert [(round(t * 1000), i, kind) for t, i, kind in moves] == \
+                        ref.moves_until(cid, s), f"levels until {at}\n{self.story(cid)}"
             out = engine.process(_event(ev))
             before, after = ref.process(ev, t)
             assert out.capital_before == pytest.approx(before, abs=CLOSE), (
