@@ -53,11 +53,16 @@ MAX_AGE = 7 * 86400.0
 
 class DeliveryError(RetentionError):
     """A sink could not deliver a decision. ``permanent`` says that trying again
-    cannot help (no address, a template missing, the receiver refused it for good)."""
+    cannot help (no address, a template missing, the receiver refused it for good).
+    ``retry_after`` (seconds) says the receiver asked to be left alone that long (a
+    429 with ``Retry-After``): the decision waits at least that long, and the sink's
+    other decisions wait for the next run."""
 
-    def __init__(self, message: str, *, permanent: bool = False):
+    def __init__(self, message: str, *, permanent: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.permanent = permanent
+        self.retry_after = retry_after
 
 
 class SettingError(RetentionError):
@@ -468,11 +473,17 @@ class Deliverer:
             return
         except Exception as exc:  # a sink is plugin code: any failure is recorded
             permanent = isinstance(exc, DeliveryError) and exc.permanent
+            wait = exc.retry_after if isinstance(exc, DeliveryError) else None
             message = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             message = " ".join(message.split())[:500] or type(exc).__name__
-            self._failed(claim, message, permanent, report, delivery.identifiers)
-            if name is not None and not permanent:
+            self._failed(claim, message, permanent, report, delivery.identifiers, wait)
+            if name is not None and wait is not None and not permanent:
+                # rate limited: asking again before it says is asking to be refused
+                self._down[name] = report.paused[name] = (
+                    f"{name}: rate limited, asked to wait {duration_text(wait)}; its other "
+                    "decisions wait for the next run")
+            elif name is not None and not permanent:
                 self._strikes[name] += 1
                 if self._strikes[name] >= BREAKER:  # probably down: the rest wait
                     self._down[name] = report.paused[name] = (
@@ -501,10 +512,12 @@ class Deliverer:
                      ["pending" if claim.prior == "sending" else claim.prior])
 
     def _failed(self, claim: _Claim, message: str, permanent: bool,
-                report: DeliveryReport, identifiers: tuple[str, ...] = ()) -> None:
+                report: DeliveryReport, identifiers: tuple[str, ...] = (),
+                retry_after: float | None = None) -> None:
         did, attempt = claim.decision.id, claim.attempt
         final = permanent or attempt >= self.max_attempts
-        next_try = None if final else self.clock() + backoff(attempt, self.base_backoff)
+        wait = max(backoff(attempt, self.base_backoff), retry_after or 0.0)
+        next_try = None if final else self.clock() + wait
         if next_try is not None and next_try <= self._run_start:
             # (a zero backoff under a clock that stands still) due after this run began
             next_try = math.nextafter(self._run_start, math.inf)

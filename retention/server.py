@@ -95,6 +95,8 @@ class RetentionService:
         self.app = Starlette(routes=[
             Route("/events", self.post_events, methods=["POST"]),
             Route("/hooks/{source}", self.post_hook, methods=["POST"]),
+            # platforms check an endpoint exists before they send to it (Mandrill)
+            Route("/hooks/{source}", self.head_hook, methods=["HEAD"]),
             # a customer id may hold slashes (gid://shop/Customer/7)
             Route("/customers/{customer:path}", self.get_customer, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
@@ -353,11 +355,15 @@ class RetentionService:
             if not isinstance(raws, list):
                 raise webevents.BodyError(f"the source gave {type(raws).__name__}, "
                                           "not a list of events")
+            ignored = sum(isinstance(raw, webevents.Ignored) for raw in raws)
+            if ignored:
+                raws = [raw for raw in raws if not isinstance(raw, webevents.Ignored)]
             if len(raws) > self.config.max_events:  # (each bad one would be a dead letter)
                 raise webevents.BodyError(
                     f"the body holds {len(raws):,} events, more than {self.config.max_events:,}"
                     ": send them in several requests")
         except Exception as exc:  # the body is kept as a dead letter with the reason
+            ignored = 0
             reason = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             text = body.decode("utf-8", errors="replace")
@@ -368,6 +374,8 @@ class RetentionService:
             items = [Incoming(raw=raw, origin=origin, line=n if len(raws) > 1 else None)
                      for n, raw in enumerate(raws, 1)]
             refused = None
+        if not items:  # only what the source ignores: nothing to store
+            return _answer([], ignored), False
         try:
             results = await self._submit(items, source, key)
         except RetentionError as exc:
@@ -376,7 +384,7 @@ class RetentionService:
             logger.exception("%s: the events could not be stored", origin)
             return JSONResponse({"error": f"not stored: {type(exc).__name__}"},
                                 status_code=500), False
-        return (refused or _answer(results)), True
+        return (refused or _answer(results, ignored)), True
 
     async def post_events(self, request: Request) -> Response:
         refused = self._refused(request)
@@ -412,6 +420,15 @@ class RetentionService:
                                               f"{type(exc).__name__}"}, status_code=503)
         return await self._receive(request, f"POST /hooks/{name}", name, source.verify,
                                    source.parse)
+
+    async def head_hook(self, request: Request) -> Response:
+        """200 when an event source of that name is loaded, 404 otherwise; nothing is
+        read or started."""
+        refused = self._refused(request)
+        if refused is not None:
+            return Response(status_code=401, headers={"www-authenticate": "Bearer"})
+        known = request.path_params["source"] in plugins.sources()
+        return Response(status_code=200 if known else 404)
 
     async def get_customer(self, request: Request) -> JSONResponse:
         refused = self._refused(request)
@@ -498,11 +515,14 @@ def _with_source(item: Incoming, source: str) -> Incoming:
     return item
 
 
-def _answer(results: list[tuple[str, Any]]) -> JSONResponse:
+def _answer(results: list[tuple[str, Any]], ignored: int = 0) -> JSONResponse:
     """Counts, the decisions the new events made (recognition rewards for the cart
     among them) and the reasons of what was dead-lettered: 200 when every event was
-    used, 422 when some were dead-lettered (the others are stored)."""
+    used, 422 when some were dead-lettered (the others are stored). ``ignored``:
+    notifications the source does not map, counted when there were any."""
     counts = {"new": 0, "duplicates": 0, "identified": 0, "dead_lettered": 0}
+    if ignored:
+        counts["ignored"] = ignored
     decisions, errors = [], []
     for status, detail in results:
         if status == "new":

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+import attrs
+
 from .errors import RetentionError
 
 STRUCTURED = "application/cloudevents+json"
@@ -26,6 +28,16 @@ _ATTRIBUTES = ("id", "source", "type", "time", "subject", "specversion", "dataco
 
 class BodyError(RetentionError):
     """A body that is not JSON, or not events: answered 400, kept as a dead letter."""
+
+
+@attrs.frozen
+class Ignored:
+    """What an event source returns, among its events, for a notification it does not
+    map to an event (a topic it does not handle, a platform's ping): counted in the
+    answer's ``ignored``, stored nowhere, answered 200 (platforms retry, then disable,
+    an endpoint that fails)."""
+
+    reason: str
 
 
 def media_type(headers: Mapping[str, str]) -> str:

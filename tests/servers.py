@@ -221,6 +221,8 @@ class HttpReceiver:
     def __init__(self) -> None:
         self.hits: list[Hit] = []
         self.status = 200
+        #: headers added to every answer (a ``Retry-After``)
+        self.headers: dict[str, str] = {}
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -240,6 +242,8 @@ class HttpReceiver:
                 self.send_response(status)
                 if 300 <= status < 400:
                     self.send_header("location", "/moved")
+                for name, value in receiver.headers.items():
+                    self.send_header(name, value)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(payload)))
                 self.end_headers()

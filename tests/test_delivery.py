@@ -8,6 +8,7 @@ passed by moving it.
 """
 
 import base64
+import email.utils
 import hashlib
 import hmac
 import json
@@ -705,6 +706,36 @@ def test_a_webhook_4xx_fails_for_good_and_a_5xx_or_429_is_retried(
         finally:
             d.close()
     assert len(receiver.hits) == 1 + (not permanent)
+
+
+@pytest.mark.parametrize(("status", "retry_after", "wait"), [
+    (429, "600", 600.0), (503, "7200", 7200.0), (429, "soon", 30.0), (429, None, 30.0),
+    (429, "in an hour", 3600.0)])
+def test_a_retry_after_is_waited_for_and_the_sink_waits_for_the_next_run(
+        shop, rules, receiver, status, retry_after, wait):
+    db = shop(customer_events(["c-1", "c-2"], CANCEL))
+    receiver.status = status
+    if retry_after == "in an hour":  # an HTTP date
+        retry_after = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    if retry_after is not None:
+        receiver.headers["Retry-After"] = retry_after
+    clock = Clock()
+    with Engine.open(db) as engine:
+        d = deliverer(engine, rules, webhook_settings(receiver), clock)
+        try:
+            report = d.run()
+        finally:
+            d.close()
+    waits = sorted(next_try - clock() for _, _, _, next_try in outbox(db).values()
+                   if next_try is not None)
+    if retry_after not in ("soon", None):
+        # asked to wait: one try, that wait, and the other decision left for later
+        assert len(receiver.hits) == 1 and report.failed == 1
+        assert waits == [pytest.approx(wait, abs=2)]
+        assert "rate limited" in report.paused["webhook"]
+    else:  # the run's own backoff, and the run goes on
+        assert len(receiver.hits) == 2 and waits == [wait, wait]
+        assert "webhook" not in report.paused
 
 
 def test_a_webhook_redirect_is_not_a_delivery(shop, rules, receiver):

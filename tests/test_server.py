@@ -34,6 +34,7 @@ from retention.plugins import pm
 from retention.server import ServerConfig, create_app
 from retention.signing import SignatureError
 from retention.store import StoredEngine
+from retention.webevents import Ignored
 
 ROOT = Path(__file__).resolve().parent.parent
 RETAIL = ROOT / "examples" / "rules" / "retail.yaml"
@@ -497,9 +498,12 @@ class AcmeSource:
         if not hmac.compare_digest(headers.get("x-acme-signature", ""), expected):
             raise SignatureError("bad X-Acme-Signature")
 
-    def parse(self, body: bytes, headers: dict[str, str]) -> list[dict[str, Any]]:
+    def parse(self, body: bytes, headers: dict[str, str]) -> list[Any]:
         payload = json.loads(body)
-        return [{"id": order["ref"], "customer": payload["shopper"]["email"],
+        if payload.get("ping"):  # the host checking the endpoint: nothing to store
+            return [Ignored("a ping")]
+        return [Ignored(f"topic {t}") for t in payload.get("other_topics", [])] + [
+                {"id": order["ref"], "customer": payload["shopper"]["email"],
                  "type": "purchase", "at": order["placed"], "amount": order["total"]}
                 for order in payload["orders"]]
 
@@ -556,6 +560,32 @@ def test_a_plugin_source_checks_its_signature_and_parses_its_payload(acme, start
     assert rows(db, "SELECT origin, raw FROM dead_letters") == [
         ("POST /hooks/acme", odd.decode())]
     assert "KeyError" in rows(db, "SELECT reason FROM dead_letters")[0][0]
+
+
+def test_what_a_source_ignores_is_counted_stored_nowhere_and_answered_200(acme, start, db):
+    server = start({"acme.key": ACME_KEY})
+    ping = b'{"ping": true}'
+    reply = server.post("/hooks/acme", raw=ping, headers=acme_signed(ping))
+    assert (reply.status, reply.body["ignored"], reply.body["new"]) == (200, 1, 0)
+    assert count(db, "events") == 0 and count(db, "dead_letters") == 0
+    # ignored beside events: the events are stored, the rest counted
+    body = json.dumps({"shopper": {"email": "fay@example.com"}, "other_topics": ["a", "b"],
+                       "orders": [{"ref": "A-1", "placed": "2026-03-01T09:00:00Z",
+                                   "total": 1}]}).encode()
+    reply = server.post("/hooks/acme", raw=body, headers=acme_signed(body))
+    assert (reply.status, reply.body["ignored"], reply.body["new"]) == (200, 2, 1)
+    assert count(db, "events") == 1
+    # a forged ping is still refused
+    assert server.post("/hooks/acme", raw=ping, headers={"X-Acme-Signature": "0"}).status == 401
+
+
+def test_a_head_request_says_whether_a_source_is_there(acme, start, db):
+    server = start({"acme.key": ACME_KEY}, token="t0ken")
+    token = {"Authorization": "Bearer t0ken"}
+    assert request(server.port, "HEAD", "/hooks/acme", headers=token).status == 200
+    assert request(server.port, "HEAD", "/hooks/nobody", headers=token).status == 404
+    assert request(server.port, "HEAD", "/hooks/acme").status == 401
+    assert count(db, "events") == 0 and count(db, "dead_letters") == 0
 
 
 def test_the_standard_source_takes_signed_events(start, db):
