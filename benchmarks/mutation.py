@@ -110,8 +110,8 @@ DEFAULT_MODULES: dict[str, tuple[str, ...] | None] = {
     "retention/engine.py": ENGINE_RULES,
 }
 #: sharp, fast tests first: with -x the first failure ends the run
-DEFAULT_TESTS = ["tests/test_cases.py", "tests/test_edges.py", "tests/test_reference.py",
-                 "tests/test_properties.py"]
+DEFAULT_TESTS = ["tests/test_crossings.py", "tests/test_cases.py", "tests/test_edges.py",
+                 "tests/test_reference.py", "tests/test_properties.py"]
 PYTEST_ARGS = ["-x", "-q", "-p", "no:cacheprovider"]
 KINDS = ("comparison", "operator", "constant", "clamp", "function", "logic", "statement")
 KILLED, TIMED_OUT, SURVIVED, IDENTICAL = "killed", "timed out", "survived", "identical"
