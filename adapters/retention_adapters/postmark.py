@@ -180,6 +180,8 @@ def subscription_change(record: dict[str, Any]) -> list[Any]:
                               "email:" + address, at, list=stream)]
     reason = field(record, "SuppressionReason", platform=PLATFORM, kind=str,
                    required=False) or "ManualSuppression"
+    if not reason.isprintable():
+        raise BodyError("postmark: SuppressionReason is not printable text")
     return [mailing.event(
         _unsubscribe_id(_token(record, "MessageID", required=False), address, reason[:40],
                         when),
