@@ -111,6 +111,14 @@ def test_a_refund_is_a_return_on_the_buyer_of_its_order(shop, db):
                 ).body["duplicates"] == 1
 
 
+def test_a_refund_before_its_order_joins_the_buyer_when_the_order_comes(shop, db):
+    assert shop("refunds/create", fixture("shopify", "refunds_create.json")).status == 200
+    assert [e["customer"] for e in stored(db)] == [f"shopify-order:{ORDER}"]
+    assert shop("orders/create", fixture("shopify", "orders_create.json")).status == 200
+    assert {e["type"]: e["customer"] for e in stored(db)} == {"purchase": BUYER,
+                                                               "return": BUYER}
+
+
 def test_a_refund_without_transactions_counts_its_line_items(shop, db):
     refund = fixture_json("shopify", "refunds_create.json")
     refund["transactions"] = []
