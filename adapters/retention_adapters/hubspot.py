@@ -185,17 +185,17 @@ class HubSpotSource:
         api = self._api
         links = api.json("GET", f"/crm/v4/objects/deals/{_quoted(deal)}/associations/contacts")
         results = links.get("results")
-        if not isinstance(results, list):
-            raise BodyError(f"hubspot: deal {deal}: the associations answer has no results")
+        if not isinstance(results, list):  # (HubSpot's answer, not the webhook: retried)
+            raise DeliveryError("the associations answer has no results")
         contacts = [r.get("toObjectId") for r in results if isinstance(r, dict)]
         if not contacts or contacts[0] is None:
             return [Ignored(f"hubspot: deal {deal} has no contact")]
         contact = contacts[0]  # the first associated contact: the buyer
-        properties = api.json("GET", f"/crm/v3/objects/deals/{_quoted(deal)}"
-                                     "?properties=amount,deal_currency_code,closedate"
-                              ).get("properties") or {}
-        person = api.json("GET", f"/crm/v3/objects/contacts/{_quoted(contact)}"
-                                 "?properties=email").get("properties") or {}
+        properties = _properties(api.json(
+            "GET", f"/crm/v3/objects/deals/{_quoted(deal)}"
+                   "?properties=amount,deal_currency_code,closedate"))
+        person = _properties(api.json(
+            "GET", f"/crm/v3/objects/contacts/{_quoted(contact)}?properties=email"))
         address = email_of(person.get("email"))
         purchase: dict[str, Any] = {
             "id": f"deal:{deal}", "type": "purchase", "at": at, "order_id": deal,
@@ -206,6 +206,16 @@ class HubSpotSource:
         if isinstance(currency, str) and currency.strip():
             purchase["currency"] = currency.strip()[:8].upper()
         return [*identify(PLATFORM, address, contact), purchase]
+
+
+def _properties(record: dict[str, Any]) -> dict[str, Any]:
+    """The ``properties`` of a CRM record HubSpot answered."""
+    properties = record.get("properties")
+    if properties is None:
+        return {}
+    if not isinstance(properties, dict):
+        raise DeliveryError("a record whose properties are not an object")
+    return properties
 
 
 # -- the sink -----------------------------------------------------------------------------
