@@ -795,6 +795,7 @@ class StoredEngine(Engine):
         report = IngestReport()
         note = results.__setitem__ if results is not None else None
         dead: list[tuple[Any, ...]] = []
+        resend: list[tuple[str, str]] = []  # (digest, source) of letters a source takes back
         steps: list[Any] = []  # Events, and identify requests in input order
         received = _now_text()
 
@@ -826,7 +827,9 @@ class StoredEngine(Engine):
             digest = hashlib.sha256(
                 f"{origin}\0{item.line}\0{text}\0{reason}".encode()).hexdigest()
             dead.append((origin, item.line, reason, text, int(item.retriable),
-                         event_source, event_id, digest, received, item.resend_to))
+                         event_source, event_id, digest, received))
+            if item.resend_to:
+                resend.append((digest, _storable(item.resend_to)))
             if note is not None:
                 note(id(item), ("dead_lettered", reason))
             where = f"{origin}:{item.line}" if item.line is not None else origin
@@ -862,8 +865,13 @@ class StoredEngine(Engine):
                 if dead:
                     self.db.conn.executemany(
                         "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
-                        " retriable, source, event_id, digest, received_at, resend_to)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
+                        " retriable, source, event_id, digest, received_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
+                if resend:
+                    self.db.conn.executemany(
+                        "INSERT OR IGNORE INTO dead_letter_sources (seq, source)"
+                        " SELECT seq, ? FROM dead_letters WHERE digest = ?",
+                        [(name, digest) for digest, name in resend])
                 if self._landed and self.db.execute(
                         "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1"
                         ).fetchone():
@@ -1274,8 +1282,9 @@ class StoredEngine(Engine):
     def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Input that could not be used, oldest first (the first ``limit``)."""
         rows = self.db.execute(
-            "SELECT seq, origin, line, reason, raw, retriable, received_at, resend_to"
-            " FROM dead_letters ORDER BY seq LIMIT ?", [-1 if limit is None else limit])
+            "SELECT seq, origin, line, reason, raw, retriable, received_at, s.source"
+            " FROM dead_letters LEFT JOIN dead_letter_sources AS s USING (seq)"
+            " ORDER BY seq LIMIT ?", [-1 if limit is None else limit])
         return [dict(zip(("seq", "origin", "line", "reason", "raw", "retriable",
                           "received_at", "resend_to"), r, strict=True)) for r in rows]
 

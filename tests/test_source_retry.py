@@ -75,6 +75,9 @@ def lookups():
 
 
 BODY = b'{"order": 7}'
+#: the dead letters, each with the source a retry hands it back to (resend_to)
+LETTERS = ("dead_letters LEFT JOIN (SELECT seq, source AS resend_to FROM"
+           " dead_letter_sources) USING (seq)")
 
 
 def test_an_unavailable_lookup_is_503_and_a_dead_letter_naming_the_source(start, db,
@@ -84,7 +87,7 @@ def test_an_unavailable_lookup_is_503_and_a_dead_letter_naming_the_source(start,
     assert reply.status == 503, reply.body
     assert reply.body == {"error": "lookup: order 7: the host did not answer",
                           "dead_lettered": 1}
-    assert rows(db, "SELECT origin, raw, retriable, resend_to FROM dead_letters") == [
+    assert rows(db, "SELECT origin, raw, retriable, resend_to FROM " + LETTERS) == [
         ("POST /hooks/lookup", BODY.decode(), 1, "lookup")]
     assert count(db, "events") == 0
 
@@ -130,7 +133,7 @@ def test_retention_dead_letters_retry_builds_the_source_with_its_settings(start,
     # the source cannot start without its setting: the letter stays, retriable
     result = CliRunner().invoke(cli, ["dead-letters", "--db", str(db), "--retry"])
     assert result.exit_code == 2, result.output
-    assert rows(db, "SELECT retriable, resend_to FROM dead_letters") == [(1, "lookup")]
+    assert rows(db, "SELECT retriable, resend_to FROM " + LETTERS) == [(1, "lookup")]
     assert "RETENTION_LOOKUP_TOKEN" in rows(db, "SELECT reason FROM dead_letters")[0][0]
     result = CliRunner().invoke(cli, ["dead-letters", "--db", str(db), "--retry",
                                       "--set", "lookup.token=t"])
@@ -147,7 +150,7 @@ def test_a_body_the_source_now_refuses_stays_as_a_letter_no_retry_can_use(start,
     result = CliRunner().invoke(cli, ["dead-letters", "--db", str(db), "--retry",
                                       "--set", "lookup.token=t"])
     assert result.exit_code == 2, result.output
-    assert rows(db, "SELECT reason, retriable, resend_to FROM dead_letters") == [
+    assert rows(db, "SELECT reason, retriable, resend_to FROM " + LETTERS) == [
         ("lookup: not an order", 0, None)]
 
 
@@ -156,4 +159,4 @@ def test_a_plain_body_error_is_still_400_and_not_retried(start, db, lookups):
     server = start({"lookup.token": "t"})
     reply = server.post("/hooks/lookup", raw=BODY)
     assert reply.status == 400
-    assert rows(db, "SELECT retriable, resend_to FROM dead_letters") == [(0, None)]
+    assert rows(db, "SELECT retriable, resend_to FROM " + LETTERS) == [(0, None)]
