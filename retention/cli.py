@@ -799,8 +799,8 @@ def dead_letters(db_path: Path, rules_path: Path, retry: bool, settings: tuple[s
                  limit: int | None, fmt: str | None) -> None:
     """Input that could not be used, with the reason; --retry ingests it again.
 
-    A webhook body its event source could not use yet (HubSpot's API did not answer
-    a lookup) is handed back to that source, with the settings it takes in serve."""
+    A webhook body its event source could not use yet (a lookup on the host's API
+    failed) is handed back to that source, with the settings it takes in serve."""
     with _open(db_path, rules_path if retry else None) as engine:
         if retry:
             report = engine.retry_dead_letters(resend=_resender(settings))
