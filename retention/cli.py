@@ -67,12 +67,18 @@ def cli() -> None:
               envvar="RETENTION_EMAIL_TEMPLATES",
               help="The email templates folder (RETENTION_EMAIL_TEMPLATES; default: "
                    "templates/ beside the rules), as the email sink finds it.")
-def check(path: Path, events_path: Path | None, templates_path: Path | None) -> None:
+@click.option("--route", "routes", multiple=True, metavar="VIA=SINK",
+              help="As retention deliver and serve take it (crm_task=zendesk): a via "
+                   "routed to a loaded sink is provided.")
+def check(path: Path, events_path: Path | None, templates_path: Path | None,
+          routes: tuple[str, ...]) -> None:
     """Validate a rule file or folder: print every mistake as file:line:column, or a summary.
 
     Also reported: an email action whose template file does not exist (an error),
-    an action whose via no loaded sink provides, and with --events the event
-    fields no event carries (warnings: printed, exit code still 0)."""
+    an action whose via no loaded sink provides (itself, or the sink --route sends
+    it to), and with --events the event fields no event carries (warnings: printed,
+    exit code still 0)."""
+    routed = _pairs(routes, "--route")
     try:
         rules = load_rules(path)
     except RuleFileError as exc:
@@ -85,7 +91,7 @@ def check(path: Path, events_path: Path | None, templates_path: Path | None) -> 
 
     where = Positions(rules)
     errors = _template_errors(rules, where, templates_path or _templates(path))
-    warnings = _sink_warnings(rules, where)
+    warnings = _sink_warnings(rules, where, routed)
     if events_path is not None:
         warnings += _field_warnings(rules, where, events_path)
     for line in warnings:
@@ -100,23 +106,35 @@ def check(path: Path, events_path: Path | None, templates_path: Path | None) -> 
     click.echo(f"ok: {rules.summary()}{note}")
 
 
-def _sink_warnings(rules: Any, where: Any) -> list[str]:
-    """An action whose via no loaded sink provides: a plugin installed where the rules
-    run may provide it (or --route), so a warning, once per via."""
+def _sink_warnings(rules: Any, where: Any, routes: dict[str, str] | None = None
+                   ) -> list[str]:
+    """An action whose via no loaded sink provides (``routes`` sending it to one counts):
+    a plugin installed where the rules run may provide it (or --route), so a warning,
+    once per via."""
     from . import plugins
     from .rules.expressions import suggest
 
+    routes = routes or {}
     sinks = sorted(plugins.sinks())
     by_via: dict[str, list[str]] = {}
     for action in rules.actions.values():
-        if action.via is not None and action.via not in sinks:
+        if action.via is not None and routes.get(action.via, action.via) not in sinks:
             by_via.setdefault(action.via, []).append(action.name)
-    return [
-        f"{where.of('actions', names[0], 'via')}: warning: no loaded sink provides via "
-        f"{via!r} (action{'s' if len(names) > 1 else ''} {', '.join(names)})"
-        f"{suggest(via, sinks)}; sinks: {', '.join(sinks) or 'none'}. A plugin may provide "
-        f"it where the rules run (retention plugins), or --route {via}=SINK"
-        for via, names in sorted(by_via.items())]
+    warnings = []
+    for via, names in sorted(by_via.items()):
+        actions = f"action{'s' if len(names) > 1 else ''} {', '.join(names)}"
+        if via in routes:
+            warnings.append(
+                f"{where.of('actions', names[0], 'via')}: warning: --route {via}="
+                f"{routes[via]} ({actions}): no loaded sink is named {routes[via]!r}"
+                f"{suggest(routes[via], sinks)}; sinks: {', '.join(sinks) or 'none'}")
+            continue
+        warnings.append(
+            f"{where.of('actions', names[0], 'via')}: warning: no loaded sink provides via "
+            f"{via!r} ({actions}){suggest(via, sinks)}; sinks: {', '.join(sinks) or 'none'}."
+            f" A plugin may provide it where the rules run (retention plugins), or --route "
+            f"{via}=SINK")
+    return warnings
 
 
 def _template_errors(rules: Any, where: Any, folder: Path) -> list[str]:
@@ -772,14 +790,20 @@ def stats(db_path: Path, fmt: str | None) -> None:
 @_db_option
 @_rules_option
 @click.option("--retry", is_flag=True, help="Ingest them again (after a fix).")
+@click.option("--set", "settings", multiple=True, metavar="SOURCE.KEY=VALUE",
+              help="An event source setting for --retry (else RETENTION_SOURCE_KEY): a "
+                   "hook's body its source could not use yet goes back to that source.")
 @click.option("--limit", type=click.IntRange(1), help="List at most N.")
 @format_options
-def dead_letters(db_path: Path, rules_path: Path, retry: bool, limit: int | None,
-                 fmt: str | None) -> None:
-    """Input that could not be used, with the reason; --retry ingests it again."""
+def dead_letters(db_path: Path, rules_path: Path, retry: bool, settings: tuple[str, ...],
+                 limit: int | None, fmt: str | None) -> None:
+    """Input that could not be used, with the reason; --retry ingests it again.
+
+    A webhook body its event source could not use yet (a lookup on the host's API
+    failed) is handed back to that source, with the settings it takes in serve."""
     with _open(db_path, rules_path if retry else None) as engine:
         if retry:
-            report = engine.retry_dead_letters()
+            report = engine.retry_dead_letters(resend=_resender(settings))
             click.echo(f"ingested {report.ingested}, duplicates {report.duplicates}, "
                        f"still dead-lettered {report.dead_lettered}, "
                        f"decisions {report.decisions}")
@@ -789,6 +813,28 @@ def dead_letters(db_path: Path, rules_path: Path, retry: bool, limit: int | None
         rows = engine.dead_letters(limit)
     click.echo(render(rows, fmt, empty="no dead letter", columns=(
         "seq", "origin", "line", "reason", "raw", "retriable", "received_at")), nl=False)
+
+
+def _resender(settings: tuple[str, ...]) -> Any:
+    """``resend(name, text)``: the events the event source ``name`` makes of a body,
+    each source built once with ``settings`` (a source missing a setting, or no longer
+    installed, raises: its letters stay)."""
+    from . import plugins
+    from .delivery import Settings, parse_settings
+
+    given = Settings(parse_settings(settings))
+    built: dict[str, Any] = {}
+
+    def resend(name: str, text: str) -> list[Any]:
+        if name not in built:
+            factory = plugins.sources().get(name)
+            if factory is None:
+                raise RetentionError(f"no event source named {name!r} is loaded "
+                                     "(retention plugins)")
+            built[name] = factory(given)
+        return built[name].parse(text.encode("utf-8"), {})
+
+    return resend
 
 
 @cli.command()

@@ -351,7 +351,9 @@ class RetentionService:
         """The events of a verified body, stored; the answer, and whether anything was
         stored (the events, or the body as a dead letter)."""
         try:
-            raws = parse(body, headers)
+            # a source may call its host's API (a lookup): not on the event loop
+            raws = await asyncio.get_running_loop().run_in_executor(None, parse, body,
+                                                                    headers)
             if not isinstance(raws, list):
                 raise webevents.BodyError(f"the source gave {type(raws).__name__}, "
                                           "not a list of events")
@@ -367,9 +369,12 @@ class RetentionService:
             reason = str(exc) if isinstance(exc, RetentionError) else \
                 f"{type(exc).__name__}: {exc}"
             text = body.decode("utf-8", errors="replace")
+            later = isinstance(exc, webevents.Unavailable) and bool(source)
+            # a body its source can use later goes back to it on a retry
             items = [Incoming(raw=webevents.BodyError(reason), origin=origin, text=text,
-                              retriable=False)]
-            refused = JSONResponse({"error": reason, "dead_lettered": 1}, status_code=400)
+                              retriable=later, resend_to=source if later else None)]
+            refused = JSONResponse({"error": reason, "dead_lettered": 1},
+                                   status_code=503 if later else 400)
         else:
             items = [Incoming(raw=raw, origin=origin, line=n if len(raws) > 1 else None)
                      for n, raw in enumerate(raws, 1)]

@@ -69,6 +69,7 @@ from .rules import load_rules, load_texts
 from .rules.model import RuleSet
 from .snapshot import decode, encode
 from .times import from_seconds, parse_instant
+from .webevents import BodyError, Ignored, Unavailable
 
 #: statuses the engine may still change: nothing has left the outbox yet
 UNDELIVERED = ("pending", "suppressed", "held_out")
@@ -142,10 +143,35 @@ class Incoming:
     #: False when ``text`` cannot be parsed again on its own (a CSV row without its
     #: header, bytes that were not UTF-8): a retry leaves such a dead letter as it is
     retriable: bool = True
+    #: the event source that turns ``text`` into events on a retry (a hook's body it
+    #: could not use yet, see ``webevents.Unavailable``); None: ``text`` is events
+    resend_to: str | None = None
 
 
 #: properties as stored: compact JSON, refusing what JSON cannot hold (NaN, Infinity)
 _to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def _resent(letter: Mapping[str, Any], resend: Any) -> list[Incoming]:
+    """What a dead letter's source makes of its body now: its events (with the
+    source's name), or the letter again with the new reason."""
+    name, text = letter["resend_to"], letter["raw"]
+    try:
+        raws = resend(name, text)
+        if not isinstance(raws, list):
+            raise RetentionError(f"the source gave {type(raws).__name__}, not a list")
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, RetentionError) else f"{type(exc).__name__}: {exc}"
+        # kept for a later retry (a lookup failed again, a setting is missing, the
+        # source is not installed here) unless the source now refuses the body
+        later = isinstance(exc, Unavailable) or not isinstance(exc, BodyError)
+        return [Incoming(raw=RetentionError(reason), origin=letter["origin"], text=text,
+                         retriable=later, resend_to=name if later else None)]
+    events = [raw for raw in raws if not isinstance(raw, Ignored)]
+    return [Incoming(raw={**raw, "source": raw.get("source") or name}
+                     if isinstance(raw, Mapping) else raw,
+                     origin=letter["origin"], line=n if len(events) > 1 else None)
+            for n, raw in enumerate(events, 1)]
 
 
 def _storable(text: str) -> str:
@@ -769,6 +795,7 @@ class StoredEngine(Engine):
         report = IngestReport()
         note = results.__setitem__ if results is not None else None
         dead: list[tuple[Any, ...]] = []
+        resend: list[tuple[str, str]] = []  # (digest, source) of letters a source takes back
         steps: list[Any] = []  # Events, and identify requests in input order
         received = _now_text()
 
@@ -801,6 +828,8 @@ class StoredEngine(Engine):
                 f"{origin}\0{item.line}\0{text}\0{reason}".encode()).hexdigest()
             dead.append((origin, item.line, reason, text, int(item.retriable),
                          event_source, event_id, digest, received))
+            if item.resend_to:
+                resend.append((digest, _storable(item.resend_to)))
             if note is not None:
                 note(id(item), ("dead_lettered", reason))
             where = f"{origin}:{item.line}" if item.line is not None else origin
@@ -838,6 +867,11 @@ class StoredEngine(Engine):
                         "INSERT OR IGNORE INTO dead_letters (origin, line, reason, raw,"
                         " retriable, source, event_id, digest, received_at)"
                         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", dead)
+                if resend:
+                    self.db.conn.executemany(
+                        "INSERT OR IGNORE INTO dead_letter_sources (seq, source)"
+                        " SELECT seq, ? FROM dead_letters WHERE digest = ?",
+                        [(name, digest) for digest, name in resend])
                 if self._landed and self.db.execute(
                         "SELECT 1 FROM dead_letters WHERE event_id IS NOT NULL LIMIT 1"
                         ).fetchone():
@@ -1248,22 +1282,32 @@ class StoredEngine(Engine):
     def dead_letters(self, limit: int | None = None) -> list[dict[str, Any]]:
         """Input that could not be used, oldest first (the first ``limit``)."""
         rows = self.db.execute(
-            "SELECT seq, origin, line, reason, raw, retriable, received_at FROM dead_letters"
+            "SELECT seq, origin, line, reason, raw, retriable, received_at, s.source"
+            " FROM dead_letters LEFT JOIN dead_letter_sources AS s USING (seq)"
             " ORDER BY seq LIMIT ?", [-1 if limit is None else limit])
         return [dict(zip(("seq", "origin", "line", "reason", "raw", "retriable",
-                          "received_at"), r, strict=True)) for r in rows]
+                          "received_at", "resend_to"), r, strict=True)) for r in rows]
 
-    def retry_dead_letters(self) -> IngestReport:
+    def retry_dead_letters(self, resend: Any = None) -> IngestReport:
         """Ingest the dead letters again (after a fix of the input or the rules): those
-        that now go in leave the table, the others stay with their new reason."""
+        that now go in leave the table, the others stay with their new reason.
+
+        A letter an event source could not use yet (``resend_to``) is handed back to
+        it: ``resend(name, text)`` returns the source's events for that body (raising
+        as its ``parse`` does, ``webevents.Unavailable`` when it still cannot); without
+        ``resend`` such letters stay as they are."""
         report = IngestReport()
         letters = self.dead_letters()
-        report.dead_lettered = sum(1 for d in letters if not d["retriable"])
-        letters = [d for d in letters if d["retriable"]]
+        waiting = [d for d in letters if d["retriable"] and d["resend_to"] and resend is None]
+        report.dead_lettered = sum(1 for d in letters if not d["retriable"]) + len(waiting)
+        letters = [d for d in letters if d["retriable"] and d not in waiting]
         for start in range(0, len(letters), self.batch_size):
             part = letters[start:start + self.batch_size]
             items = []
             for letter in part:
+                if letter["resend_to"]:
+                    items.extend(_resent(letter, resend))
+                    continue
                 items.append(Incoming(raw=parse_json_line(letter["raw"]),
                                       origin=letter["origin"], line=letter["line"],
                                       text=letter["raw"]))

@@ -30,6 +30,15 @@ class BodyError(RetentionError):
     """A body that is not JSON, or not events: answered 400, kept as a dead letter."""
 
 
+class Unavailable(BodyError):
+    """What an event source raises for a body that is what its host sends, but that it
+    cannot turn into events now: something they need could not be had (a lookup on
+    the host's API failed). The body is kept as a dead letter that ``retention
+    dead-letters --retry`` hands back to the source's ``parse`` (with no headers: a
+    source that raises it reads the body alone), and the host is answered 503, so it
+    may send it again too."""
+
+
 @attrs.frozen
 class Ignored:
     """What an event source returns, among its events, for a notification it does not

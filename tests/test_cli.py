@@ -7,6 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
+from retention import plugins
 from retention.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +43,39 @@ def test_check_warns_about_a_via_no_loaded_sink_provides(tmp_path):
                                "  note: {kind: service, via: webhok}\n")
     result = invoke("check", rules)
     assert result.exit_code == 0, result.output
+    # (installed plugins, the adapters among them, add their sinks to the built-ins)
+    sinks = ", ".join(sorted(plugins.sinks()))
+    assert {"email", "log", "webhook"} <= set(plugins.sinks())
     assert result.stderr.splitlines() == [
         f"{rules}:4:30: warning: no loaded sink provides via 'crm_tsk' (action call); "
-        "sinks: email, log, webhook. A plugin may provide it where the rules run "
+        f"sinks: {sinks}. A plugin may provide it where the rules run "
         "(retention plugins), or --route crm_tsk=SINK",
         f"{rules}:5:30: warning: no loaded sink provides via 'webhok' (action note) "
-        "(did you mean 'webhook'?); sinks: email, log, webhook. A plugin may provide it "
+        f"(did you mean 'webhook'?); sinks: {sinks}. A plugin may provide it "
         "where the rules run (retention plugins), or --route webhok=SINK"]
     assert result.stdout.endswith("(2 warnings)\n")
+
+
+def test_check_takes_the_routes_deliver_takes(tmp_path):
+    rules = _project(tmp_path, "rules:\n  a: {when: event.x, then: [call, note]}\n"
+                               "actions:\n  call: {kind: service, via: crm_task}\n"
+                               "  note: {kind: service, via: crm_tag}\n")
+    # routed to loaded sinks: provided, no warning
+    result = invoke("check", rules, "--route", "crm_task=webhook", "--route", "crm_tag=log")
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    assert "warning" not in result.stdout
+    # a route to a sink that is not loaded is the warning, with the closest name
+    result = invoke("check", rules, "--route", "crm_task=webhok", "--route", "crm_tag=log")
+    assert result.exit_code == 0, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"{rules}:4:30: warning: --route crm_task=webhok (action call):"
+                           " no loaded sink is named 'webhok' (did you mean 'webhook'?)")
+    # only the routed via is provided: the other still warns
+    result = invoke("check", rules, "--route", "crm_task=webhook")
+    assert [w.split(": warning: ")[1][:38] for w in result.stderr.splitlines()] == [
+        "no loaded sink provides via 'crm_tag' "]
+    result = invoke("check", rules, "--route", "crm_task")
+    assert result.exit_code == 2 and "write NAME=SINK" in result.output
 
 
 def test_check_finds_email_templates_where_the_email_sink_does(tmp_path, monkeypatch):
