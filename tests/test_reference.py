@@ -59,6 +59,23 @@ class Run:
         lines = [f"  {_event(e)}" for e in self.events if e["customer"] == customer]
         return f"rule file:\n{self.text}\nevents of {customer}:\n" + "\n".join(lines)
 
+    def same_moves(self, cid: str, engine: list, model: list) -> bool:
+        """The same firings and re-armings at the same milliseconds, but for a tie: a
+        move one millisecond apart where the model's capital is within CLOSE of the
+        level's threshold (a trace of exactly NEGLIGIBLE points forgotten at that
+        millisecond in one and the next in the other, as float rounding decides)."""
+        if len(engine) != len(model):
+            return False
+        for (t1, i1, k1), (t2, i2, k2) in zip(engine, model, strict=True):
+            if (i1, k1) != (i2, k2) or abs(t1 - t2) > 1:
+                return False
+            if t1 != t2:
+                level = self.model.levels[i1]
+                edge = level.below if k1 == "fire" else level.below + level.rearm
+                if abs(self.ref.capital(cid, min(t1, t2)) - edge) > CLOSE:
+                    return False
+        return True
+
     def check(self) -> Counter:
         engine, ref, rng = self.engine, self.ref, self.rng
         made: dict[str, list] = {}
@@ -74,8 +91,9 @@ class Run:
                     last = engine.as_of(cid, instant(previous[cid]))
                     moves = level_transitions(last, engine.rules, bytearray(last.armed),
                                               last.level_time, s / 1000, include_end=True)
-                    assert [(round(t * 1000), i, kind) for t, i, kind in moves] == \
-                        ref.moves_until(cid, s), f"levels until {at}\n{self.story(cid)}"
+                    assert self.same_moves(cid, [(round(t * 1000), i, kind) for t, i, kind
+                                                 in moves], ref.moves_until(cid, s)), (
+                        f"levels until {at}\n{self.story(cid)}")
             out = engine.process(_event(ev))
             before, after = ref.process(ev, t)
             assert out.capital_before == pytest.approx(before, abs=CLOSE), (
