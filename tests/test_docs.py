@@ -412,6 +412,7 @@ SHELL_RUN = {
     "$ retention run --rules examples/": None,
     "$ retention customer c-0830 ": example_store,
     "$ retention check huge.yaml": huge_file,
+    "$ retention plugins": None,
 }
 
 
