@@ -21,7 +21,8 @@ Readings of the design taken here, documented in docs/store.md:
   makes leaves it. So any batch split and ingestion order gives the same
   database as ingesting the events sorted, once.
 - ``identify`` events (``customer`` and ``aliases``; no ``id`` or ``at``
-  needed) take effect at their place in the input.
+  needed) take effect at their place in the input. With ``move_aliases: false``
+  an alias that already names another customer stays theirs.
 """
 
 from __future__ import annotations
@@ -1033,6 +1034,10 @@ class StoredEngine(Engine):
             other = aliases.get(name, name)
             if other == canonical:
                 continue
+            if not request.move and other != name:
+                # a link another customer holds is not taken on one platform's word
+                # (an address typed at a checkout): the alias stays with them
+                continue
             # everything that pointed at `other` now points at `canonical`
             self.db.execute("UPDATE aliases SET customer = ? WHERE customer = ?",
                             [canonical, other])
@@ -1581,6 +1586,8 @@ class _Transaction:
 class _Identify:
     customer: str
     aliases: tuple[str, ...]
+    #: False: an alias that already names another customer stays theirs
+    move: bool = True
 
     def names(self) -> list[str]:
         return [self.customer, *self.aliases]
@@ -1599,7 +1606,12 @@ def _identify_request(raw: Mapping[str, Any]) -> _Identify:
         problem = text_problem(name)
         if problem is not None:
             raise EventError(f"identify: field {field!r}: {problem}", field=field)
-    return _Identify(customer=customer, aliases=tuple(a for a in aliases if a != customer))
+    move = raw.get("move_aliases", True)
+    if not isinstance(move, bool):
+        raise EventError("identify: 'move_aliases' must be true or false",
+                         field="move_aliases", event_id=raw.get("id"))
+    return _Identify(customer=customer, aliases=tuple(a for a in aliases if a != customer),
+                     move=move)
 
 
 _SALT: list[bytes] = []

@@ -626,17 +626,38 @@ def test_merging_in_the_same_batch_as_the_histories(tmp_path):
             "SELECT count(*) FROM decisions WHERE customer = 'c2'").fetchone()[0] == 0
 
 
+def test_an_identify_that_does_not_move_aliases_leaves_another_customers_links(tmp_path):
+    with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
+        store.ingest([*C1, *C2, {"type": "identify", "customer": "c1", "aliases": ["shop:1"]}])
+        # shop:1 names c1: c2 cannot take it (nor c1's history) without moving it
+        report = store.ingest([{"type": "identify", "customer": "c2",
+                                "aliases": ["shop:1", "shop:2", "c3"],
+                                "move_aliases": False},
+                               event("c3-p", "c3", "purchase", 6)])
+        assert report.dead_lettered == 0
+        assert store.resolve("shop:1") == "c1" and store.resolve("shop:2") == "c2"
+        assert store.resolve("c3") == "c2"  # a new identifier is linked as ever
+        assert store.capital("c1") == 70
+        # with it (the default), the alias moves, with c1 and its history
+        store.ingest([{"type": "identify", "customer": "c2", "aliases": ["shop:1"]}])
+        assert store.resolve("shop:1") == store.resolve("c1") == "c2"
+        assert list(store.customers()) == ["c2"]
+
+
 @pytest.mark.parametrize("request_", [
     {"type": "identify", "customer": "c1", "aliases": "email:ann@example.com"},
     {"type": "identify", "customer": "c1", "aliases": [""]},
     {"type": "identify", "aliases": ["email:ann@example.com"]},
+    {"type": "identify", "customer": "c1", "aliases": ["email:ann@example.com"],
+     "move_aliases": "no"},
 ])
 def test_a_bad_identify_is_dead_lettered_with_its_reason(tmp_path, request_):
     with Engine.open(tmp_path / "r.db", rules=simple_rules(tmp_path)) as store:
         report = store.ingest([request_])
         assert (report.identified, report.dead_lettered) == (0, 1)
         [letter] = store.dead_letters()
-        field = "aliases" if "customer" in request_ else "customer"
+        field = ("move_aliases" if "move_aliases" in request_ else "aliases"
+                 if "customer" in request_ else "customer")
         assert f"'{field}'" in letter["reason"]
         assert json.loads(letter["raw"]) == request_
         assert report.problems == [f"api: {letter['reason']}"]

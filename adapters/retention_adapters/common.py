@@ -32,9 +32,15 @@ __all__ = ["BodyError", "Ignored", "SignatureError", "alias", "amount", "body_ob
 
 #: the longest text kept from a platform's free text (a ticket's description...)
 MAX_TEXT = 4000
-#: an address as the engine keys customers on it: no spaces, no angle brackets,
-#: no line breaks (it may end up in an email header), one @
-_ADDRESS = re.compile(r"[^\s<>@,;\"]+@[^\s<>@,;\"]+")
+#: an address as the engine keys customers on it: ASCII (a lookalike letter such as
+#: the Kelvin sign lower-cases to another person's "k"), no spaces, control
+#: characters, angle brackets, quotes, separators or URL delimiters (it ends up in
+#: email headers, API queries and event ids), one @
+_ADDRESS = re.compile(r"[A-Za-z0-9.!#$&'*+=^_`{|}~-]+@[A-Za-z0-9.-]+\.[A-Za-z0-9-]+")
+
+
+#: a platform's id of a person
+_PLATFORM_ID = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
 def email_of(value: Any) -> str | None:
@@ -42,8 +48,8 @@ def email_of(value: Any) -> str | None:
     empty, or not an address: a value that is not one never becomes a customer)."""
     if not isinstance(value, str):
         return None
-    value = value.strip().lower()
-    return value if len(value) <= 254 and _ADDRESS.fullmatch(value) else None
+    value = value.strip()  # (checked before lower-casing: "\u212a".lower() is "k")
+    return value.lower() if len(value) <= 254 and _ADDRESS.fullmatch(value) else None
 
 
 def alias(platform: str, platform_id: Any) -> str:
@@ -52,7 +58,8 @@ def alias(platform: str, platform_id: Any) -> str:
         raise BodyError(f"{platform}: a customer id must be a string or a number, "
                         f"got {type(platform_id).__name__}")
     value = str(platform_id).strip()
-    if not value or len(value) > 200 or any(c.isspace() or not c.isprintable() for c in value):
+    # (it goes into API paths of the platform's sink: letters, digits, . _ - only)
+    if not _PLATFORM_ID.fullmatch(value) or value.strip(".") == "":
         raise BodyError(f"{platform}: unusable customer id {value[:40]!r}")
     return f"{platform}:{value}"
 
@@ -75,7 +82,7 @@ def identify(platform: str, email: Any, platform_id: Any) -> list[dict[str, Any]
     if address is None or platform_id is None or platform_id == "":
         return []
     return [{"type": "identify", "customer": "email:" + address,
-             "aliases": [alias(platform, platform_id)]}]
+             "aliases": [alias(platform, platform_id)], "move_aliases": False}]
 
 
 # -- signatures -------------------------------------------------------------------------
@@ -98,7 +105,8 @@ def signed_recently(stamp: str | None, now: float, what: str, *, millis: bool = 
                     ) -> float:
     """The seconds of a signed timestamp (plain digits, in milliseconds with
     ``millis``), refused more than ``retention.signing.TOLERANCE`` away from ``now``."""
-    if not stamp or not stamp.strip().isdigit() or len(stamp.strip()) > 16:
+    if not stamp or not (stamp.strip().isascii() and stamp.strip().isdigit()) or len(
+            stamp.strip()) > 16:
         raise SignatureError(f"no {what}, or not plain digits")
     seconds = int(stamp.strip()) / (1000 if millis else 1)
     if abs(now - seconds) > signing.TOLERANCE:

@@ -64,8 +64,10 @@ from .common import (
 
 PLATFORM = "hubspot"
 API_URL = "https://api.hubapi.com"
-#: the most subscription events one body may hold (HubSpot sends up to 100)
-MAX_EVENTS = 1000
+#: the most subscription events one body may hold: HubSpot sends up to 100, and each
+#: won deal costs three API calls, so a replayed body within its five minutes costs
+#: at most 300 (the store then finds its events known)
+MAX_EVENTS = 100
 #: the percent-encodings HubSpot decodes in the URI it signs (v3), and only those
 _DECODED = {"%3A": ":", "%2F": "/", "%3F": "?", "%40": "@", "%21": "!", "%24": "$",
             "%27": "'", "%28": "(", "%29": ")", "%2A": "*", "%2C": ",", "%3B": ";"}

@@ -111,6 +111,8 @@ class ShopifySource:
 # -- orders ---------------------------------------------------------------------------
 
 def purchase(order: Mapping[str, Any]) -> list[Any]:
+    if order.get("cancelled_at") is not None:  # (a cancelled order's body, whatever topic)
+        return [Ignored("shopify: a cancelled order is no purchase")]
     order_id = _id(order, "id")
     buyer = _buyer(order, order_id)
     if buyer is None:
@@ -130,8 +132,6 @@ def purchase(order: Mapping[str, Any]) -> list[Any]:
 def updated(order: Mapping[str, Any]) -> list[Any]:
     """An update is the order as it stands: a purchase (known by its id if an earlier
     topic brought it), unless it has been cancelled meanwhile."""
-    if order.get("cancelled_at") is not None:
-        return [Ignored("shopify: orders/updated of a cancelled order")]
     return purchase(order)
 
 

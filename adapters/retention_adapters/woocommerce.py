@@ -26,7 +26,7 @@ processing, completed            ``purchase`` ``order:ID``: amount (total), curr
 cancelled                        ``cancel``   ``cancel:ID``: order_id
 any, for each of ``refunds``     ``return``   ``refund:REFUND_ID``: order_id, amount,
                                               reason
-refunded, with no ``refunds``    ``return``   ``refunded:ID``: order_id, amount (total)
+refunded, with no ``refunds``    (ignored)    the refund comes listed in the next update
 pending, on-hold, failed...      (ignored)
 ================================ ============ ==========================================
 
@@ -125,13 +125,9 @@ def order(payload: Mapping[str, Any]) -> list[Any]:
     elif status == "cancelled":
         events.append({**base, "id": f"cancel:{order_id}", "type": "cancel",
                        "at": _utc(payload, "date_modified_gmt", "date_created_gmt")})
-    returns = _returns(payload, base)
-    if status == "refunded" and not returns:
-        # an order marked refunded whose refund WooCommerce did not record
-        returns.append({**base, "id": f"refunded:{order_id}", "type": "return",
-                        "at": _utc(payload, "date_modified_gmt", "date_created_gmt"),
-                        "amount": _total(payload)})
-    events.extend(returns)
+    # (an order marked refunded before its refund is listed gives nothing yet: the
+    # update that lists the refund gives the return, keyed on the refund, once)
+    events.extend(_returns(payload, base))
     if not events:
         return [Ignored(f"woocommerce: an order {text(status, 40)!r}")]
     return [*links, *events]

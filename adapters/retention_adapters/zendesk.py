@@ -124,6 +124,8 @@ class ZendeskSource:
         ticket = field(payload, "detail", "id", platform=PLATFORM, kind=(str, int))
         requester = field(payload, "detail", "requester_id", platform=PLATFORM,
                           kind=(str, int))
+        if len(str(event_id)) > 200:
+            raise BodyError(f"zendesk: an event id of {len(str(event_id)):,} characters")
         return {"id": str(event_id), "type": kind,
                 "at": instant(field(payload, "time", platform=PLATFORM), PLATFORM, "time"),
                 "customer": customer(PLATFORM, None, requester),
@@ -152,6 +154,9 @@ class ZendeskSource:
         if score.strip().lower() not in RATINGS:  # offered, unoffered: no rating yet
             return [Ignored(f"zendesk: a satisfaction score {score[:20]!r}")]
         event = self._base(payload, "review")
+        # one review per ticket: a rating switched good, bad, good is one opinion,
+        # not three reviews (the first one counts; a change is a duplicate)
+        event["id"] = f"review:{event['ticket_id']}"
         event["rating"] = RATINGS[score.strip().lower()]
         comment = text(rating.get("comment")) if isinstance(rating, dict) else None
         if comment:
@@ -183,7 +188,7 @@ class ZendeskSink:
         login = f"{settings.require(PLATFORM, 'email')}/token:{settings.require(PLATFORM, 'token')}"
         self.auth = "Basic " + base64.b64encode(login.encode()).decode()
         group = settings.get(PLATFORM, "group_id")
-        if group is not None and not group.isdigit():
+        if group is not None and not (group.isascii() and group.isdigit()):
             raise SettingError(f"zendesk: group_id must be a number, got {group!r}")
         self.group = int(group) if group is not None else None
         self.priority = settings.get(PLATFORM, "priority", "high")
@@ -218,7 +223,7 @@ class ZendeskSink:
         if address:
             # (a name is needed when Zendesk has no user with that address yet)
             ticket["requester"] = {"email": address, "name": address.partition("@")[0]}
-        elif requester and requester.isdigit():
+        elif requester and requester.isascii() and requester.isdigit():
             ticket["requester_id"] = int(requester)
         else:
             raise DeliveryError(f"customer {decision.customer} has no email and no Zendesk "

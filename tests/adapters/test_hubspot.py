@@ -252,6 +252,8 @@ def test_a_wrong_or_stale_signature_is_401_and_nothing_is_stored(start, db, tamp
      "objectId"),
     (b"[1, 2]", "event 0 is int"),
     (b"[{", "invalid JSON"),
+    # HubSpot sends at most 100: more would be up to 3 API calls each, replayed at will
+    (json.dumps([{"subscriptionType": "contact.creation"}] * 101).encode(), "101 events"),
 ])
 def test_a_body_that_is_not_hubspots_is_400_and_kept_as_a_dead_letter(start, db, body,
                                                                       reason):

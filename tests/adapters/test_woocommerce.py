@@ -94,13 +94,15 @@ def test_a_refund_listed_in_the_order_is_a_return_once(shop, db):
          "amount": 19.35}]
 
 
-def test_a_guest_order_marked_refunded_without_a_refund_is_one_return(shop, db):
-    guest = order(status="refunded", customer_id=0, refunds=[])
-    reply = shop("order.updated", guest)
-    assert reply.status == 200, reply.body
-    assert stored(db) == [{"id": "refunded:727", "customer": BUYER, "type": "return",
-                           "at": "2017-03-22T19:28:08+00:00", "source": "woocommerce",
-                           "order_id": "727", "amount": 29.35}]
+def test_an_order_marked_refunded_counts_its_refund_once_when_it_is_listed(shop, db):
+    """WooCommerce marks the order refunded, then records the refund: the status alone
+    gives nothing, the refund listed in the next update gives the return, once."""
+    reply = shop("order.updated", order(status="refunded", customer_id=0, refunds=[]))
+    assert (reply.status, reply.body.get("ignored"), count(db, "events")) == (200, 1, 0)
+    refund = {"id": 900, "reason": "", "total": "-29.35"}
+    for _ in range(2):
+        shop("order.updated", order(status="refunded", customer_id=0, refunds=[refund]))
+    assert [(e["id"], e["amount"]) for e in stored(db)] == [("refund:900", 29.35)]
     assert aliases(db) == {}  # a guest has no WooCommerce id to link
 
 
@@ -206,3 +208,26 @@ def test_a_topic_it_does_not_map_is_200_and_ignored(shop, db, topic, body):
     reply = shop(topic, body)
     assert (reply.status, reply.body["ignored"], reply.body["new"]) == (200, 1, 0)
     assert nothing_stored(db)
+
+
+def test_an_address_typed_at_a_checkout_never_takes_another_persons_record(shop, db):
+    """Mallory's account (42) orders once with the victim's address as billing email,
+    then with an address of her own: the victim keeps their record and their links."""
+    victim = "email:victim@example.com"
+    assert shop("customer.created", {**fixture_json("woocommerce", "customer.json"),
+                                     "id": 7, "email": "victim@example.com"}).status == 200
+    assert shop("order.created", order(id=1, customer_id=7, billing={
+        **order()["billing"], "email": "victim@example.com"})).body["new"] == 1
+    assert shop("customer.created", {**fixture_json("woocommerce", "customer.json"),
+                                     "id": 42, "email": "mallory@evil.test"}).status == 200
+    for n, typed in ((500, "victim@example.com"), (501, "mallory2@evil.test")):
+        reply = shop("order.created", order(id=n, customer_id=42, billing={
+            **order()["billing"], "email": typed}))
+        assert reply.status == 200, reply.body
+    links = aliases(db)
+    assert links["woocommerce:7"] == victim
+    assert links["woocommerce:42"] == "email:mallory@evil.test"
+    assert victim not in links  # the victim is nobody's alias
+    # the order typed with the victim's address is the victim's purchase, no more
+    assert [(e["id"], e["customer"]) for e in stored(db) if e["type"] == "purchase"] == [
+        ("order:1", victim), ("order:500", victim), ("order:501", "email:mallory2@evil.test")]

@@ -114,11 +114,20 @@ def test_a_satisfaction_rating_is_a_review(start, db):
         "review", 5, "35436", "Sorted out in two days, thank you!")
     bad = fixture_json("zendesk", "satisfaction_good.json")
     bad["id"] = "01HQD0RAT1NG0000000000BAD0"
+    bad["detail"] = {**bad["detail"], "id": "35437"}  # another ticket
     bad["event"]["current"] = {"id": "1235", "score": "bad", "comment": None}
     body = json.dumps(bad).encode()
     reply = server.post("/hooks/zendesk", raw=body, headers=signed(body))
     assert (reply.status, reply.body["new"]) == (200, 1), reply.body
     assert [e.get("rating") for e in stored(db)] == [5, 1]
+    # the same ticket rated again (good, bad, good...): one review per ticket
+    for n, score in enumerate(("bad", "good", "bad")):
+        toggled = dict(bad, id=f"01HQD0RAT1NG00000000TOGGLE{n}", detail={
+            **bad["detail"], "id": "35437"}, event={"current": {"score": score}})
+        body = json.dumps(toggled).encode()
+        reply = server.post("/hooks/zendesk", raw=body, headers=signed(body))
+        assert reply.status == 200 and reply.body["new"] == 0, reply.body
+    assert [e["id"] for e in stored(db)] == ["review:35436", "review:35437"]
     offered = dict(bad, id="01HQD0RAT1NG000000000OFFER", event={"current": "offered"})
     body = json.dumps(offered).encode()
     reply = server.post("/hooks/zendesk", raw=body, headers=signed(body))
