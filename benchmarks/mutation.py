@@ -69,8 +69,10 @@ then a rerun of its survivors at ``--profile ci``, is the cheap way to the CI's
 verdict.
 
 Prints each mutant as it is judged, then each survivor with its place, the
-mutation and the source line, then the counts, the kill rate (killed and timed
-out, of the mutants run) and the wall time; ``--json FILE`` writes all of it.
+mutation and the source line (apart: those benchmarks/equivalents.py explains as
+changing no behaviour, with the reason), then the counts, the kill rate (killed and
+timed out, of the mutants run, and of those that change behaviour) and the wall
+time; ``--json FILE`` writes all of it.
 """
 
 from __future__ import annotations
@@ -96,6 +98,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from equivalents import explain  # noqa: E402  (benchmarks/ is no package)
 
 #: The rule-application code of engine.py (see the module docstring).
 ENGINE_RULES = (
@@ -847,15 +851,26 @@ def _report(found: list[Mutant], identical: list[Mutant], runnable: list[Mutant]
     outcomes = [results[id(m)]["outcome"] for m in runnable]
     killed, timed = outcomes.count(KILLED), outcomes.count(TIMED_OUT)
     survivors = [m for m in runnable if results[id(m)]["outcome"] == SURVIVED]
-    print(f"\nsurvivors ({len(survivors)}):")
+    why = {id(m): explain(m.module, m.function, m.code, m.what) for m in survivors}
+    unexplained = [m for m in survivors if why[id(m)] is None]
+    print(f"\nsurvivors that change no behaviour ({len(survivors) - len(unexplained)}; "
+          "benchmarks/equivalents.py says why):")
     for m in survivors:
+        if why[id(m)] is not None:
+            print(f"  {_describe(m)}\n      {m.code}\n      ({why[id(m)]})")
+    print(f"\nsurvivors to kill ({len(unexplained)}):")
+    for m in unexplained:
         print(f"  {_describe(m)}\n      {m.code}")
     rate = (killed + timed) / len(runnable) if runnable else 1.0
+    behaving = len(runnable) - (len(survivors) - len(unexplained))
+    real_rate = (killed + timed) / behaving if behaving else 1.0
     cached = sum(results[id(m)]["cached"] for m in runnable)
     print(f"\nmutants: {len(found)}; run: {len(runnable)} ({cached} known from before); "
-          f"killed: {killed}; timed out: {timed}; survived: {len(survivors)}; "
+          f"killed: {killed}; timed out: {timed}; survived: {len(survivors)} "
+          f"({len(survivors) - len(unexplained)} equivalent); "
           f"skipped (identical bytecode): {len(identical)}")
-    print(f"kill rate: {rate:.1%} ({killed + timed} of {len(runnable)}); "
+    print(f"kill rate: {rate:.1%} ({killed + timed} of {len(runnable)}); of the mutants that "
+          f"change behaviour: {real_rate:.1%} ({killed + timed} of {behaving}); "
           f"wall time: {wall:.0f} s")
     if args.json:
         rows = []
@@ -865,10 +880,14 @@ def _report(found: list[Mutant], identical: list[Mutant], runnable: list[Mutant]
                 results[id(m)]["outcome"] if id(m) in results else "not run")
             if id(m) in results:
                 row.update({k: results[id(m)][k] for k in ("seconds", "killer", "cached")})
+            if id(m) in why and why[id(m)] is not None:
+                row["equivalent"] = why[id(m)]
             rows.append(row)
         summary = {"mutants": len(found), "run": len(runnable), "killed": killed,
                    "timed_out": timed, "survived": len(survivors),
                    "identical": len(identical), "kill_rate": rate,
+                   "equivalent": len(survivors) - len(unexplained),
+                   "kill_rate_of_behaving": real_rate,
                    "wall_seconds": round(wall, 1), "tests": args.tests,
                    "profile": args.profile, "seed": args.seed, "jobs": args.jobs}
         args.json.write_text(json.dumps({"summary": summary, "mutants": rows}, indent=1),

@@ -100,3 +100,17 @@ def test_a_kill_carries_over_to_new_tests_a_survivor_does_not():
     assert not mutation.reusable(survivor, "new", recheck_kills=False)
     assert not mutation.reusable(kill, "new", recheck_kills=True)
     assert not mutation.reusable(None, "old", recheck_kills=False)
+
+
+def test_each_equivalent_mutant_names_a_line_that_is_there():
+    """benchmarks/equivalents.py explains survivors by their line: one that no longer
+    is in its function explains nothing and must go."""
+    import equivalents
+
+    for entry in equivalents.EQUIVALENT:
+        tree = ast.parse((ROOT / entry.module).read_text(encoding="utf-8"))
+        [function] = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                      and node.name == entry.function.rpartition(".")[2]]
+        assert entry.code in ast.get_source_segment(
+            (ROOT / entry.module).read_text(encoding="utf-8"), function), entry
+        assert entry.why and (entry.what == "*" or " -> " in entry.what), entry

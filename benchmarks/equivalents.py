@@ -1,0 +1,103 @@
+"""Mutants of the arithmetic that change no behaviour, and why: benchmarks/mutation.py
+reports a survivor listed here as equivalent, apart from those it cannot explain.
+
+Each entry names the module, the function, a piece of the mutated source line and
+the mutation as the campaign prints it (``*``: any mutation of that line), and says
+why no input can tell the mutant from the original. Three reasons come back:
+
+- **the same value at the boundary**: ``<`` for ``<=`` where both branches give the
+  same number when the two sides are equal (a clamp at its bound, a drain of 0
+  days, a licence with no room);
+- **unreachable**: a branch no caller can take (a share of 0 or less, a penalty
+  of 0 points), because the callers or the loader rule it out;
+- **speed only**: the chord of ``_crossing`` picks where to probe next; any probe
+  inside the bracket gives the same answer (tests/test_crossings.py checks the
+  answer and the number of probes against plain bisection).
+
+A survivor that is none of these is a test to write, not an entry to add.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Equivalent(NamedTuple):
+    module: str
+    function: str
+    code: str  # a piece of the mutated source line
+    what: str  # the mutation as printed ("*": any on that line)
+    why: str
+
+
+CAPITAL = "retention/capital.py"
+_BOUNDARY = "the same value when both sides are equal"
+
+EQUIVALENT: list[Equivalent] = [
+    # share_left: called only while a trace fades (t < settles_at <= t0 + over), where
+    # a linear fade still has a share above 0
+    Equivalent(CAPITAL, "share_left", "return left if left > 0.0 else 0.0", "*",
+               "only called before settles_at, where a linear fade's share is above 0"),
+    # reaches: a share of 0 or less is never asked for (a floor is keep > 0 or
+    # NEGLIGIBLE / points > 0; a re-arm allowance below 0 returns earlier and one of
+    # exactly 0 cannot occur against a threshold the tie tolerance shifted)
+    Equivalent(CAPITAL, "reaches", "share <= 0", "*",
+               "unreachable: no caller asks for a share of 0 or less"),
+    Equivalent(CAPITAL, "reaches", "return math.inf", "*",
+               "unreachable: no caller asks for a share of 0 or less"),
+    # fading_penalty: the engine fades only negative points (as positive ones), a
+    # recovery refits only a positive rest
+    Equivalent(CAPITAL, "fading_penalty", "if points <= 0:", "<= -> <",
+               "unreachable: a penalty of 0 points is never made"),
+    # a floor over 1 is a trace under NEGLIGIBLE points without keep: settled at
+    # once whatever the cap (reaches() of a share >= 1 is 0 or before t0)
+    Equivalent(CAPITAL, "fading_penalty", "min(floor, 1.0)", "*",
+               "a floor over 1 settles the trace at once either way"),
+    # at settles_at itself the fade gives its floor: the keep floor, or NEGLIGIBLE
+    # points (forgotten: 0), a difference of at most 1e-6 points for one instant,
+    # the resolution NEGLIGIBLE defines
+    Equivalent(CAPITAL, "remaining", "if t >= settles_at:", ">= -> >",
+               "at settles_at the fade gives its floor (within NEGLIGIBLE points)"),
+    Equivalent(CAPITAL, "raw_capital", "if t >= settles_at:", ">= -> >",
+               "at settles_at the fade gives its floor (within NEGLIGIBLE points)"),
+    # before settles_at the share is above keep by construction
+    Equivalent(CAPITAL, "remaining", "share if share > keep else keep", "*",
+               "before settles_at the share is above keep"),
+    Equivalent(CAPITAL, "raw_capital", "share if share > keep else keep", "*",
+               "before settles_at the share is above keep"),
+    Equivalent(CAPITAL, "clamp", "low if value < low else high if value > high", "< -> <=",
+               _BOUNDARY),
+    Equivalent(CAPITAL, "clamp", "low if value < low else high if value > high", "> -> >=",
+               _BOUNDARY),
+    # step counts: (t - clean_since) // clean_for is already whole and t >= clean_since
+    Equivalent(CAPITAL, "licence_due", "int((t - state.clean_since) // licence.clean_for)",
+               "int -> round", "a floor division gives a whole number already"),
+    Equivalent(CAPITAL, "licence_due", "int((t - state.clean_since) // licence.clean_for)",
+               "// -> /", "int() of a quotient of non-negative numbers is its floor"),
+    Equivalent(CAPITAL, "raw_capital", "int((t - state.clean_since) // licence.clean_for)",
+               "int -> round", "a floor division gives a whole number already"),
+    Equivalent(CAPITAL, "raw_capital", "int((t - state.clean_since) // licence.clean_for)",
+               "// -> /", "int() of a quotient of non-negative numbers is its floor"),
+    Equivalent(CAPITAL, "licence_due", "return 0.0, state.steps", "*",
+               "steps never fall: with no new step the rest returns (0, steps) too"),
+    Equivalent(CAPITAL, "licence_due", "if steps <= state.steps:", "<= -> <",
+               "no new step owes 0 points either way"),
+    Equivalent(CAPITAL, "licence_due", "if room <= 0:", "<= -> <", _BOUNDARY),
+    Equivalent(CAPITAL, "licence_due", "owed if owed < room else room", "< -> <=", _BOUNDARY),
+    Equivalent(CAPITAL, "raw_capital", "if steps > state.steps:", "> -> >=", _BOUNDARY),
+    Equivalent(CAPITAL, "raw_capital", "if room > 0:", "> -> >=", _BOUNDARY),
+    Equivalent(CAPITAL, "raw_capital", "owed if owed < room else room", "< -> <=", _BOUNDARY),
+    Equivalent(CAPITAL, "raw_capital", "if idle > 0:", "> -> >=", _BOUNDARY),
+    Equivalent(CAPITAL, "silence_due", "silence.rate_per_day <= 0", "<= -> <",
+               "a rate of 0 drains 0 either way"),
+    Equivalent(CAPITAL, "silence_due", "if idle > 0 else 0.0", "> -> >=", _BOUNDARY),
+]
+
+
+def explain(module: str, function: str, code: str, what: str) -> str | None:
+    """Why a surviving mutant is equivalent, or None when nothing here says so."""
+    for entry in EQUIVALENT:
+        if (entry.module == module and entry.function == function and entry.code in code
+                and entry.what in ("*", what)):
+            return entry.why
+    return None
