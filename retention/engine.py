@@ -613,6 +613,12 @@ class Engine:
             return None
         return capital_at(c, self._rules, t)
 
+    def event_times(self, customer: str) -> list[float]:
+        """The times (seconds) of a customer's events, in order: where their capital
+        may jump (between them it moves only with time)."""
+        c = self._customers.get(customer)
+        return [] if c is None else sorted(row[0] for row in self._history(c))
+
     def level(self, customer: str) -> str | None:
         """The lowest level that fired for a customer and has not re-armed."""
         c = self._customers.get(customer)
@@ -693,6 +699,19 @@ class Engine:
 
     def customers(self) -> Iterator[str]:
         return iter(self._customers)
+
+    def capitals(self, now: str | datetime | None = None) -> Iterator[tuple[str, str | None,
+                                                                           float]]:
+        """(customer, level, capital) at ``now`` (default: the latest event) of every
+        customer open by then, in id order."""
+        lasts = [c.last[0] for c in self._customers.values() if c.last is not None]
+        if not lasts:
+            return
+        t = max(lasts) if now is None else _moment(now)
+        for cid in sorted(self._customers):
+            c = self.as_of(cid, from_seconds(t))
+            if c is not None and c.opened_at is not None and c.opened_at <= t:
+                yield cid, c.level(self._rules), capital_at(c, self._rules, t)
 
     def next_change(self, customer: str) -> float:
         """When, with no new event, something would change for this customer (seconds)."""
