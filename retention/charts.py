@@ -317,14 +317,14 @@ def render(fig: Any, fmt: str) -> bytes:
     """The figure as PNG or SVG bytes."""
     if fmt not in FORMATS:
         raise RetentionError(f"charts are drawn as {' or '.join(FORMATS)}, not {fmt!r}")
+    from matplotlib import rc_context
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format=fmt, dpi=100, metadata=_metadata(fmt))
+    # no creation date, ids from a fixed salt: the same data gives the same bytes
+    with rc_context({"svg.hashsalt": "retention"}):
+        fig.savefig(buffer, format=fmt, dpi=100,
+                    metadata={"Date": None} if fmt == "svg" else {})
     return buffer.getvalue()
-
-
-def _metadata(fmt: str) -> dict[str, Any]:
-    # no creation date: the same data gives the same bytes
-    return {"Date": None} if fmt == "svg" else {}
 
 
 def as_dict(data: Trajectory | Distribution) -> dict[str, Any]:
