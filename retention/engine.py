@@ -527,11 +527,14 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, rules: RuleSet | str | Path | None = None, *,
-             batch_size: int | None = None) -> StoredEngine:
+             batch_size: int | None = None, read_only: bool = False) -> StoredEngine:
         """An engine whose state lives in a SQLite database (created and migrated on
-        open); ``rules`` defaults to the version the database last used."""
+        open); ``rules`` defaults to the version the database last used. With
+        ``read_only``, an existing database opened in SQLite's read-only mode (for
+        reports and dashboards: reading works, nothing can be written)."""
         from .store import BATCH, StoredEngine
-        return StoredEngine(path, rules, batch_size=batch_size or BATCH)
+        return StoredEngine(path, rules, batch_size=batch_size or BATCH,
+                            read_only=read_only)
 
     @property
     def rules(self) -> RuleSet:
