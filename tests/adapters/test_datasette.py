@@ -195,3 +195,11 @@ def test_the_pages_never_write_the_database(db):
                  "/-/retention/customers/alice/trajectory.svg", "/-/retention/distribution.svg"):
         assert get(ds, path, actor=ALLOWED, at=END).status_code == 200
     assert digest() == before
+
+
+def test_the_menu_links_to_the_dashboard(db):
+    page = get(datasette(db), "/")
+    assert '<a href="/-/retention">Retention</a>' in page.text
+    as_root = get(datasette(db, allow={"id": "root"}), "/", actor={"id": "root"})
+    assert '<a href="/-/retention">Retention</a>' in as_root.text
+    assert get(datasette(db, allow={"id": "root"}), "/").status_code == 403
