@@ -244,6 +244,16 @@ def test_the_store_opened_read_only_refuses_writes(store, tmp_path):
         store.db.execute("DELETE FROM events")
     with pytest.raises(StoreError, match="no such database"):
         StoredEngine(tmp_path / "none.db", read_only=True)
+    with pytest.raises(StoreError, match="opened read-only, it cannot take new rules"):
+        StoredEngine(store.path, store.rules, read_only=True)
+    older = tmp_path / "older.db"
+    with sqlite3.connect(store.path) as source, sqlite3.connect(older) as copy:
+        source.backup(copy)
+        copy.execute("PRAGMA user_version = 5")
+    with pytest.raises(StoreError, match="an older schema"):
+        StoredEngine(older, read_only=True)
+    with sqlite3.connect(older) as copy:  # (and so it was left as it was)
+        assert copy.execute("PRAGMA user_version").fetchone() == (5,)
 
 
 # -- the command ----------------------------------------------------------------------
