@@ -168,6 +168,10 @@ def test_mistakes_are_answered_plainly(db):
     bad = get(ds, "/-/retention", at="yesterday")
     assert bad.status_code == 400 and "at:" in bad.text
     assert get(ds, "/-/retention/customers/nobody", actor=ALLOWED, at=END).status_code == 404
+    assert get(ds, "/-/retention/customers/" + "x" * 600, actor=ALLOWED,
+               at=END).status_code == 404
+    assert get(ds, "/-/retention/customers/alice", actor=ALLOWED,
+               at="2025-10-01T00:00:00").status_code == 400  # no zone
     prospect = get(ds, "/-/retention/customers/carol", actor=ALLOWED, at=END)
     assert prospect.status_code == 200
     assert tables(prospect.text)[1]["retention-capital"] == "not open (a prospect)"
@@ -203,3 +207,17 @@ def test_the_menu_links_to_the_dashboard(db):
     as_root = get(datasette(db, allow={"id": "root"}), "/", actor={"id": "root"})
     assert '<a href="/-/retention">Retention</a>' in as_root.text
     assert get(datasette(db, allow={"id": "root"}), "/").status_code == 403
+
+
+def test_charts_drawn_at_once_are_each_whole(db):
+    ds = datasette(db, customers=ALLOWED)
+    cookies = {"ds_actor": ds.sign({"a": ALLOWED}, "actor")}
+
+    async def fetch_all():
+        paths = ["/-/retention/customers/alice/trajectory.svg",
+                 "/-/retention/distribution.svg"] * 3
+        return await asyncio.gather(*(ds.client.get(p, params={"at": END}, cookies=cookies)
+                                      for p in paths))
+    replies = asyncio.run(fetch_all())
+    assert all(r.status_code == 200 for r in replies)
+    assert len({r.content for r in replies[0::2]}) == len({r.content for r in replies[1::2]}) == 1

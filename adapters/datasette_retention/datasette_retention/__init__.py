@@ -31,6 +31,7 @@ docs/hosts.md, "Datasette", says more.
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlencode
@@ -40,6 +41,7 @@ from datasette.utils import actor_matches_allow
 from datasette.utils.asgi import BadRequest, NotFound, Response
 
 from retention import Engine, RetentionError, charts
+from retention.models import MAX_NAME
 from retention.store import APPLICATION_ID, UnknownCustomer
 from retention.times import TimeFormatError, parse_instant
 
@@ -48,6 +50,9 @@ NAME = "datasette-retention"
 VIEW_CUSTOMERS = "retention-view-customers"
 #: at most this many customers at risk listed on the dashboard (lowest capital first)
 AT_RISK_LIMIT = 200
+#: matplotlib's text layout and font cache are shared by every figure: one drawing at
+#: a time (each takes well under a second)
+_DRAWING = threading.Lock()
 
 
 @hookimpl
@@ -106,7 +111,7 @@ async def dashboard(datasette: Any, request: Any) -> Response:
 async def customer_page(datasette: Any, request: Any) -> Response:
     path, name = await _store(datasette, request)
     await _require_customers(datasette, request)
-    customer = unquote(request.url_vars["customer"])
+    customer = _customer(request)
     at = _moment(request)
     page = await asyncio.to_thread(_customer_data, path, customer, at)
     return Response.html(await datasette.render_template(
@@ -128,7 +133,7 @@ async def distribution_chart(datasette: Any, request: Any) -> Response:
 async def trajectory_chart(datasette: Any, request: Any) -> Response:
     path, _ = await _store(datasette, request)
     await _require_customers(datasette, request)
-    customer = unquote(request.url_vars["customer"])
+    customer = _customer(request)
     at = _moment(request)
     return _svg(await asyncio.to_thread(_trajectory_svg, path, customer, at))
 
@@ -181,7 +186,8 @@ def _customer_data(path: str, customer: str, at: str) -> dict[str, Any]:
 def _distribution_svg(path: str, at: str) -> bytes:
     with _open(path) as engine:
         data = charts.distribution(engine, at)
-    return charts.render(charts.draw_distribution(data), "svg")
+    with _DRAWING:
+        return charts.render(charts.draw_distribution(data), "svg")
 
 
 def _trajectory_svg(path: str, customer: str, at: str) -> bytes:
@@ -190,7 +196,8 @@ def _trajectory_svg(path: str, customer: str, at: str) -> bytes:
             data = charts.trajectory(engine, customer, at)
         except RetentionError as exc:  # unknown, or a prospect: nothing to draw
             raise NotFound(str(exc)) from None
-    return charts.render(charts.draw_trajectory(data), "svg")
+    with _DRAWING:
+        return charts.render(charts.draw_trajectory(data), "svg")
 
 
 # -- the request at hand ------------------------------------------------------------------
@@ -231,6 +238,14 @@ async def _require_customers(datasette: Any, request: Any) -> None:
     if not await _may_view_customers(datasette, request):
         raise Forbidden(f"customer pages hold personal data: they need the "
                         f"{VIEW_CUSTOMERS} permission")
+
+
+def _customer(request: Any) -> str:
+    """The customer id or alias of the URL (no id is longer than the engine keeps)."""
+    customer = unquote(request.url_vars["customer"])
+    if len(customer) > MAX_NAME:
+        raise NotFound(f"no customer id is longer than {MAX_NAME} characters")
+    return customer
 
 
 def _moment(request: Any) -> str:
