@@ -17,6 +17,7 @@ and PyPI both carry it; the Datasette plugin serves the very same figures.
 
 from __future__ import annotations
 
+import bisect
 import io
 import math
 from collections.abc import Iterable
@@ -25,6 +26,7 @@ from typing import Any
 
 import attrs
 
+from .capital import capital_at
 from .errors import RetentionError
 from .times import from_seconds, parse_instant
 
@@ -53,9 +55,6 @@ STATUS_MARKERS = {
 }
 #: Evenly spaced samples of the line, on top of the moments where it bends or jumps.
 SAMPLES = 240
-#: How long before an event the line is sampled, to draw its jump (a millisecond:
-#: the engine's own grid).
-JUST_BEFORE = 0.001
 #: Licence steps drawn per stretch between two events at most.
 MAX_STEPS = 200
 #: Decisions labelled with their action and status at most (more would be a blur).
@@ -142,89 +141,92 @@ def _canonical(engine: Any, customer: str) -> str:
 def trajectory(engine: Any, customer: str, at: str | datetime, *,
                samples: int = SAMPLES) -> Trajectory:
     """The capital of ``customer`` from their opening to ``at``, sampled where it bends
-    or jumps (each event and just before it, the end of the silence grace, each
-    licence step, each trace fading out, each decision) and at ``samples`` evenly
-    spaced moments for the curves of fading traces; every value is
-    ``engine.capital(customer, time)``."""
+    or jumps (each event and a millisecond before it, the end of the silence grace,
+    each licence step, each trace fading out, each decision) and at ``samples``
+    evenly spaced moments for the curves of fading traces. Every value is
+    ``engine.capital(customer, time)``, computed in one replay of their events
+    (``engine.states``): between two events the capital is the arithmetic of the
+    state the first one left."""
     end = _moment(at)
     cid = _canonical(engine, customer)
     rules = engine.rules
-    state = engine.as_of(cid, end)
-    if state is None:
-        raise RetentionError(f"unknown customer {customer!r}")
-    t_end = end.timestamp()
-    if state.opened_at is None or state.opened_at > t_end:
-        raise RetentionError(f"{cid} is not a customer yet at {end.isoformat()} "
-                             "(a prospect: no capital to draw)")
-    opened = state.opened_at
-    events = sorted({t for t in engine.event_times(cid) if opened <= t <= t_end})
-    moments = {opened, t_end}
-    if t_end > opened:
-        step = (t_end - opened) / max(1, samples)
-        moments.update(opened + i * step for i in range(samples))
-    for k, t in enumerate(events):
-        moments.add(t)
-        if t - JUST_BEFORE > opened:
-            moments.add(t - JUST_BEFORE)
-        until = events[k + 1] if k + 1 < len(events) else t_end
-        moments.update(_bends(engine.as_of(cid, from_seconds(t)), rules, t, until))
+    end_ms = _ms(end.timestamp())
+    events = sorted({_ms(t) for t in engine.event_times(cid) if _ms(t) <= end_ms})
+    if not events:
+        if engine.as_of(cid, end) is None:
+            raise RetentionError(f"unknown customer {customer!r}")
+        raise _not_open(cid, end)
     made = [d for d in engine.decisions(cid) if d.at <= end]
-    moments.update(d.at.timestamp() for d in made if d.at.timestamp() >= opened)
-    times = [from_seconds(t) for t in sorted(moments)]
-    capital_at = _Capitals(engine, cid)
+    decided = sorted({_ms(d.at.timestamp()) for d in made})
+    values: dict[int, float] = {}  # (moments in milliseconds, the engine's grid)
+    grid: list[int] = []
+    for k, (t, state) in enumerate(engine.states(cid, end)):
+        if state.opened_at is None or state.opened_at > t:
+            continue  # a prospect's events move no capital
+        start = events[k]
+        if not grid:
+            step = (end_ms - start) / max(1, samples)
+            grid = sorted({start + round(i * step) for i in range(samples)} | {end_ms})
+        until = events[k + 1] if k + 1 < len(events) else end_ms + 1
+        moments = {start, until - 1, *_between(grid, start, until),
+                   *_between(decided, start, until),
+                   *(m for m in _bends(state, rules, start, until) if start < m < until)}
+        for m in moments:
+            values[m] = capital_at(state, rules, m / 1000)
+    if not values:
+        raise _not_open(cid, end)
+
+    def capital(moment: datetime) -> float:
+        key = _ms(moment.timestamp())
+        return values[key] if key in values else engine.capital(cid, moment)
+
     marks = tuple(
-        Mark(at=e.at, capital=capital_at(e.at), force=FORCES[e.category],
+        Mark(at=e.at, capital=capital(e.at), force=FORCES[e.category],
              category=e.category, rule=e.rule, points=e.points, reason=e.reason)
         for e in engine.explain(cid, at=end) if e.settled and e.category in FORCES)
     decisions = tuple(
-        DecisionMark(at=d.at, capital=capital_at(d.at), action=d.action, rule=d.rule,
+        DecisionMark(at=d.at, capital=capital(d.at), action=d.action, rule=d.rule,
                      status=d.status) for d in made)
+    times = sorted(values)
     return Trajectory(
-        customer=cid, at=end, times=tuple(times),
-        capitals=tuple(capital_at(t) for t in times), marks=marks, decisions=decisions,
+        customer=cid, at=end, times=tuple(from_seconds(m / 1000) for m in times),
+        capitals=tuple(values[m] for m in times), marks=marks, decisions=decisions,
         levels=tuple((lv.name, lv.below) for lv in rules.levels),
         low=rules.capital.min, high=rules.capital.max)
 
 
-class _Capitals:
-    """engine.capital of one customer, each moment asked once."""
-
-    def __init__(self, engine: Any, customer: str):
-        self.engine, self.customer = engine, customer
-        self.known: dict[datetime, float] = {}
-
-    def __call__(self, at: datetime) -> float:
-        if at not in self.known:
-            value = self.engine.capital(self.customer, at)
-            assert value is not None  # (only moments after the opening are asked)
-            self.known[at] = value
-        return self.known[at]
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
 
 
-def _bends(state: Any, rules: Any, start: float, until: float) -> Iterable[float]:
-    """Where the capital of ``state`` (as it is just after an event at ``start``) bends
-    or jumps before the next event at ``until``: the silence drain starting, each
-    licence step (and just before it), each trace fading out for good."""
+def _not_open(cid: str, end: datetime) -> RetentionError:
+    return RetentionError(f"{cid} is not a customer yet at {end.isoformat()} "
+                          "(a prospect: no capital to draw)")
+
+
+def _between(ordered: list[int], start: int, until: int) -> list[int]:
+    """The values of ``ordered`` in ``[start, until)``."""
+    return ordered[bisect.bisect_left(ordered, start):bisect.bisect_left(ordered, until)]
+
+
+def _bends(state: Any, rules: Any, start: int, until: int) -> Iterable[int]:
+    """Where the capital of ``state`` (as an event at ``start`` left it) bends or jumps
+    before the next event at ``until`` (milliseconds): the silence drain starting,
+    each licence step (and a millisecond before it), each trace fading out."""
     silence = rules.silence
     if silence is not None and silence.rate_per_day > 0:
-        grace_end = state.last_contact + silence.after
-        if start < grace_end < until:
-            yield grace_end
+        yield _ms(state.last_contact + silence.after)
     licence = rules.licence
     if licence is not None:
-        n = state.steps + 1
-        while n <= state.steps + MAX_STEPS:
-            t = state.clean_since + n * licence.clean_for
-            if t >= until:
+        for n in range(state.steps + 1, state.steps + 1 + MAX_STEPS):
+            step = _ms(state.clean_since + n * licence.clean_for)
+            if step >= until:
                 break
-            if t > start:
-                yield t
-                yield t - JUST_BEFORE
-            n += 1
+            yield step
+            yield step - 1
     for penalty in state.penalties:
-        settles_at = penalty[6]
-        if start < settles_at < until and math.isfinite(settles_at):
-            yield settles_at
+        if math.isfinite(penalty[6]):  # (settles_at)
+            yield _ms(penalty[6])
 
 
 def distribution(engine: Any, at: str | datetime) -> Distribution:

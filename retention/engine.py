@@ -622,6 +622,27 @@ class Engine:
         c = self._customers.get(customer)
         return [] if c is None else sorted(row[0] for row in self._history(c))
 
+    def states(self, customer: str, until: str | datetime) -> Iterator[tuple[float, Customer]]:
+        """A customer replayed from their events up to ``until``, once: after each
+        moment that has events, (that moment, the customer as they were just after
+        it). Until their next event, their capital at ``t`` is ``capital_at(that
+        customer, rules, t)``, so this draws a trajectory in one replay (see
+        ``charts``). The customer yielded is the replay's own, changed by the next
+        step: read it before asking for the next."""
+        c = self._customers.get(customer)
+        if c is None:
+            return
+        t_end = _moment(until)
+        rows = sorted((r for r in self._history(c) if r[0] <= t_end), key=lambda r: r[:3])
+        fresh = Customer(id=c.id)
+        for i, row in enumerate(rows):  # (as _rebuild does, one moment at a time)
+            self._apply(fresh, _event_of(c.id, row))
+            fresh.log += _pack(row)
+            fresh.last = row[:3]
+            self._plan(fresh)
+            if i + 1 == len(rows) or rows[i + 1][0] != row[0]:
+                yield row[0], fresh
+
     def level(self, customer: str) -> str | None:
         """The lowest level that fired for a customer and has not re-armed."""
         c = self._customers.get(customer)

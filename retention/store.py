@@ -1189,6 +1189,14 @@ class StoredEngine(Engine):
         finally:
             self._forget_loaded()
 
+    def states(self, customer: str, until: str | datetime) -> Iterator[tuple[float, Customer]]:
+        canonical = self.resolve(customer)
+        try:
+            self._load([canonical])
+            yield from super().states(canonical, until)
+        finally:
+            self._forget_loaded()
+
     def event_times(self, customer: str) -> list[float]:
         canonical = self.resolve(customer)
         try:

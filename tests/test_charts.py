@@ -11,9 +11,11 @@ from datetime import timedelta
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from matplotlib import colors, dates
 
-from retention import charts
+from retention import charts, load_texts
 from retention.cli import cli
 from retention.engine import Engine
 from retention.errors import RetentionError
@@ -209,6 +211,36 @@ def test_an_in_memory_engine_draws_the_same(store):
     assert np.allclose(ours.capitals, theirs.capitals)
     assert sorted(charts.distribution(engine, END).by_level) == \
         sorted(charts.distribution(store, END).by_level)
+
+
+KINDS = ["purchase", "price_compare", "complaint", "ticket_resolved", "delivery", "review"]
+
+
+@settings(max_examples=40)
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 400 * 24 * 60),
+                          st.sampled_from(["t1", "t2"]), st.integers(0, 9)),
+                min_size=1, max_size=40),
+       st.integers(0, 500 * 24 * 60))
+def test_any_story_is_drawn_at_the_engines_capital(story, end_minutes):
+    """The one replay the chart reads equals the engine's capital at every moment drawn,
+    whatever the events (in minutes from 2025-01-01) and the moment drawn up to."""
+    engine = Engine(load_texts([("rules.yaml", RULES)]))
+    start = parse_instant("2025-01-01T00:00:00+00:00")
+    engine.process_many([
+        {"id": str(i), "customer": "x", "type": kind, "ticket_id": ticket, "delay_days": delay,
+         "at": (start + timedelta(minutes=minute)).isoformat(), "source": "test"}
+        for i, (kind, minute, ticket, delay) in enumerate(story)])
+    end = start + timedelta(minutes=end_minutes)
+    try:
+        data = charts.trajectory(engine, "x", end)
+    except RetentionError as exc:
+        assert "prospect" in str(exc)
+        assert engine.capital("x", end) is None
+        return
+    for t, capital in zip(data.times, data.capitals, strict=True):
+        assert close(capital, engine.capital("x", t)), t
+    for m in (*data.marks, *data.decisions):
+        assert close(m.capital, engine.capital("x", m.at))
 
 
 def test_a_prospect_or_unknown_customer_has_no_chart(store):
