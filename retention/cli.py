@@ -731,6 +731,49 @@ def at_risk(db_path: Path, level: str | None, limit: int | None, at: str | None,
 
 @cli.command()
 @_db_option
+@click.argument("customer_id", required=False)
+@click.option("--distribution", is_flag=True,
+              help="The capital of every customer at T, a histogram by level.")
+@click.option("--at", "at", help="Up to T / at T (default: now).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="The chart's file, .png or .svg (default: capital.png, or "
+                   "distribution.png).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print what the chart draws as JSON instead of drawing it.")
+def plot(db_path: Path, customer_id: str | None, distribution: bool, at: str | None,
+         output: Path | None, as_json: bool) -> None:
+    """Draw a customer's capital over time: each ledger entry marked (incidents,
+    pull-away forces, retention forces in their colours), the decisions with their
+    status, the levels as lines. With --distribution, the capital histogram by level.
+    Needs matplotlib (pip install 'retention-engine[plot]')."""
+    from . import charts
+
+    if distribution == (customer_id is not None):
+        raise click.UsageError("give a CUSTOMER or --distribution (one of them)")
+    moment = _moment_option(at, "--at") or _wall_clock()
+    target = output or Path("distribution.png" if distribution else "capital.png")
+    fmt = charts.format_of(str(target))
+    if not as_json:
+        charts.require()  # before the work: a missing extra is one line, at once
+    with _open(db_path) as engine:
+        if distribution:
+            data: Any = charts.distribution(engine, moment)
+            fig = None if as_json else charts.draw_distribution(data)
+        else:
+            data = charts.trajectory(engine, customer_id, moment)
+            fig = None if as_json else charts.draw_trajectory(data)
+    if as_json:
+        click.echo(json.dumps(charts.as_dict(data), indent=2))
+        return
+    try:
+        target.write_bytes(charts.render(fig, fmt))
+    except OSError as exc:
+        raise RetentionError(f"{target}: cannot be written: {exc.strerror}") from None
+    click.echo(f"wrote {target}", err=True)
+
+
+@cli.command()
+@_db_option
 @click.option("--status", type=click.Choice(
     ["pending", "sending", "sent", "failed", "suppressed", "held_out", "expired"]),
     help="Only decisions with this status.")

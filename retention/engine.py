@@ -527,11 +527,14 @@ class Engine:
 
     @classmethod
     def open(cls, path: str | Path, rules: RuleSet | str | Path | None = None, *,
-             batch_size: int | None = None) -> StoredEngine:
+             batch_size: int | None = None, read_only: bool = False) -> StoredEngine:
         """An engine whose state lives in a SQLite database (created and migrated on
-        open); ``rules`` defaults to the version the database last used."""
+        open); ``rules`` defaults to the version the database last used. With
+        ``read_only``, an existing database opened in SQLite's read-only mode (for
+        reports and dashboards: reading works, nothing can be written)."""
         from .store import BATCH, StoredEngine
-        return StoredEngine(path, rules, batch_size=batch_size or BATCH)
+        return StoredEngine(path, rules, batch_size=batch_size or BATCH,
+                            read_only=read_only)
 
     @property
     def rules(self) -> RuleSet:
@@ -613,6 +616,33 @@ class Engine:
             return None
         return capital_at(c, self._rules, t)
 
+    def event_times(self, customer: str) -> list[float]:
+        """The times (seconds) of a customer's events, in order: where their capital
+        may jump (between them it moves only with time)."""
+        c = self._customers.get(customer)
+        return [] if c is None else sorted(row[0] for row in self._history(c))
+
+    def states(self, customer: str, until: str | datetime) -> Iterator[tuple[float, Customer]]:
+        """A customer replayed from their events up to ``until``, once: after each
+        moment that has events, (that moment, the customer as they were just after
+        it). Until their next event, their capital at ``t`` is ``capital_at(that
+        customer, rules, t)``, so this draws a trajectory in one replay (see
+        ``charts``). The customer yielded is the replay's own, changed by the next
+        step: read it before asking for the next."""
+        c = self._customers.get(customer)
+        if c is None:
+            return
+        t_end = _moment(until)
+        rows = sorted((r for r in self._history(c) if r[0] <= t_end), key=lambda r: r[:3])
+        fresh = Customer(id=c.id)
+        for i, row in enumerate(rows):  # (as _rebuild does, one moment at a time)
+            self._apply(fresh, _event_of(c.id, row))
+            fresh.log += _pack(row)
+            fresh.last = row[:3]
+            self._plan(fresh)
+            if i + 1 == len(rows) or rows[i + 1][0] != row[0]:
+                yield row[0], fresh
+
     def level(self, customer: str) -> str | None:
         """The lowest level that fired for a customer and has not re-armed."""
         c = self._customers.get(customer)
@@ -693,6 +723,19 @@ class Engine:
 
     def customers(self) -> Iterator[str]:
         return iter(self._customers)
+
+    def capitals(self, now: str | datetime | None = None) -> Iterator[tuple[str, str | None,
+                                                                           float]]:
+        """(customer, level, capital) at ``now`` (default: the latest event) of every
+        customer open by then, in id order."""
+        lasts = [c.last[0] for c in self._customers.values() if c.last is not None]
+        if not lasts:
+            return
+        t = max(lasts) if now is None else _moment(now)
+        for cid in sorted(self._customers):
+            c = self.as_of(cid, from_seconds(t))
+            if c is not None and c.opened_at is not None and c.opened_at <= t:
+                yield cid, c.level(self._rules), capital_at(c, self._rules, t)
 
     def next_change(self, customer: str) -> float:
         """When, with no new event, something would change for this customer (seconds)."""

@@ -298,17 +298,22 @@ class StoredEngine(Engine):
     """The engine with its state in a SQLite database (see the module docstring)."""
 
     def __init__(self, path: str | Path, rules: RuleSet | str | Path | None = None, *,
-                 batch_size: int = BATCH):
+                 batch_size: int = BATCH, read_only: bool = False):
         self.path = Path(path)
         self.batch_size = max(1, int(batch_size))
+        #: opened with SQLite's read-only mode: reading works, any write raises
+        self.read_only = read_only
         # a database that cannot start (no rules, a broken rule file) leaves no file
         new = not self.path.exists()
+        if read_only and (new or rules is not None):
+            raise StoreError(f"{self.path}: no such database" if new else
+                             f"{self.path}: opened read-only, it cannot take new rules")
         if new and rules is None:
             raise StoreError(f"{self.path}: no rules yet: give a rule file or folder "
                              "(retention rules use PATH)")
         given = None if rules is None else rules if isinstance(rules, RuleSet) \
             else load_rules(rules)  # a broken file stops here: nothing changes
-        self.db = self._connect(self.path)
+        self.db = self._connect(self.path, read_only=read_only)
         try:
             self._migrate()
             active = self._active_rules()
@@ -361,9 +366,11 @@ class StoredEngine(Engine):
     # -- opening -----------------------------------------------------------------------
 
     @staticmethod
-    def _connect(path: Path) -> sqlite_utils.Database:
+    def _connect(path: Path, *, read_only: bool = False) -> sqlite_utils.Database:
         try:
-            conn = sqlite3.connect(str(path), timeout=30, isolation_level=None)
+            conn = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True,
+                                   timeout=30, isolation_level=None) if read_only \
+                else sqlite3.connect(str(path), timeout=30, isolation_level=None)
         except sqlite3.Error as exc:
             raise _explain_open_error(path, exc) from None
         try:
@@ -379,7 +386,8 @@ class StoredEngine(Engine):
                     f"retention-engine knows ({latest}); upgrade retention-engine")
             if (current == 0 and tables) or (current and application != APPLICATION_ID):
                 raise StoreError(f"{path}: a SQLite database, but not a retention one")
-            _wal(conn)
+            if not read_only:  # (the journal mode is the file's: set once, kept)
+                _wal(conn)
             conn.execute("PRAGMA synchronous=NORMAL")
             # deleted rows are overwritten, so a forgotten customer leaves no trace
             conn.execute("PRAGMA secure_delete=ON")
@@ -398,6 +406,9 @@ class StoredEngine(Engine):
         try:
             if conn.execute("PRAGMA user_version").fetchone()[0] >= schema_version():
                 return
+            if self.read_only:
+                raise StoreError(f"{self.path}: an older schema: open it once with this "
+                                 "retention-engine (retention stats) to migrate it")
             # the write lock first, then the version again: two processes opening a
             # new file at once migrate it once
             conn.execute("BEGIN IMMEDIATE")
@@ -1183,6 +1194,22 @@ class StoredEngine(Engine):
         finally:
             self._forget_loaded()
 
+    def states(self, customer: str, until: str | datetime) -> Iterator[tuple[float, Customer]]:
+        canonical = self.resolve(customer)
+        try:
+            self._load([canonical])
+            yield from super().states(canonical, until)
+        finally:
+            self._forget_loaded()
+
+    def event_times(self, customer: str) -> list[float]:
+        canonical = self.resolve(customer)
+        try:
+            self._load([canonical])
+            return super().event_times(canonical)
+        finally:
+            self._forget_loaded()
+
     def level(self, customer: str) -> str | None:
         row = self.db.execute("SELECT level FROM customers WHERE id = ?",
                               [self.resolve(customer)]).fetchone()
@@ -1471,25 +1498,45 @@ class StoredEngine(Engine):
         t = self._latest() if now is None else _moment(now)
         found = []
         candidates = self._at_risk_candidates(t, edge)
-        for start in range(0, len(candidates), _CHUNK):
-            part = candidates[start:start + _CHUNK]
-            for cid, blob in self._rows_in("SELECT id, state FROM customers WHERE id IN ({})",
-                                           part):
-                c = self._decode(cid, blob)
+        for c in self._states_at(candidates, t):
+            capital = capital_at(c, self._rules, t)
+            if capital < edge:
+                found.append({"customer": c.id, "level": c.level(self._rules),
+                              "capital": capital, "last_event_at": _iso(c.last[0]),
+                              "last_contact_at": _iso(c.last_contact)})
+        found.sort(key=lambda r: (r["capital"], r["customer"]))
+        return found[:limit] if limit else found
+
+    def capitals(self, now: str | datetime | None = None) -> Iterator[tuple[str, str | None,
+                                                                           float]]:
+        """(customer, level, capital) at ``now`` of every customer open by then, in id
+        order, as ``at-risk`` and ``customer ID --at now`` compute them; ``now``
+        defaults to the latest moment the database knows of. (The capital
+        distribution of ``retention plot --distribution`` and the dashboard.)"""
+        t = self._latest() if now is None else _moment(now)
+        ids = [cid for (cid,) in self.db.execute(
+            "SELECT id FROM customers WHERE opened_at <= ? ORDER BY id", [t])]
+        for c in self._states_at(ids, t):
+            yield c.id, c.level(self._rules), capital_at(c, self._rules, t)
+
+    def _states_at(self, ids: list[str], t: float) -> Iterator[Customer]:
+        """Copies of the customers ``ids`` as they are at ``t`` (time applied to their
+        levels), those open by then only; nothing is saved."""
+        for start in range(0, len(ids), _CHUNK):
+            part = ids[start:start + _CHUNK]
+            rows = dict(self._rows_in("SELECT id, state FROM customers WHERE id IN ({})",
+                                      part))
+            for cid in part:
+                if cid not in rows:
+                    continue
+                c = self._decode(cid, rows[cid])
                 if c.last is not None and c.last[0] <= t and c.level_time <= t:
                     self._advance(c, t, include_end=True)  # (a copy: nothing is saved)
                 else:
                     c = self.as_of(cid, from_seconds(t))
                     assert c is not None
-                if c.opened_at is None or c.opened_at > t:
-                    continue
-                capital = capital_at(c, self._rules, t)
-                if capital < edge:
-                    found.append({"customer": cid, "level": c.level(self._rules),
-                                  "capital": capital, "last_event_at": _iso(c.last[0]),
-                                  "last_contact_at": _iso(c.last_contact)})
-        found.sort(key=lambda r: (r["capital"], r["customer"]))
-        return found[:limit] if limit else found
+                if c.opened_at is not None and c.opened_at <= t:
+                    yield c
 
     def _latest(self) -> float:
         """The latest moment the database knows of: its latest event, or tick."""
