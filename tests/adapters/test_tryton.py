@@ -17,6 +17,7 @@ import os
 import socket
 import sqlite3
 import time
+import unittest
 import urllib.parse
 from decimal import Decimal
 from pathlib import Path
@@ -360,3 +361,23 @@ def at_risk_list(at: dt.datetime) -> list[Any]:
     with proteus_config.get_config().set_context(retention_at=at):
         return model("party.party").find(domain, order=order)
 
+
+
+# -- Tryton's own checks of a module ---------------------------------------------------
+
+def test_tryton_module_checks(tryton):
+    """The checks Tryton runs on every module (``ModuleTestCase``: views, field methods
+    and depends, access, actions, menus, XML files...), on the session's database,
+    where the module is activated (ModuleTestCase's own set-up would make another)."""
+    from trytond.tests.test_tryton import ModuleTestCase
+
+    class RetentionModule(ModuleTestCase):
+        module = "retention"
+
+    checks = sorted(name for name in dir(ModuleTestCase) if name.startswith("test_"))
+    result = unittest.TestResult()
+    for check in checks:
+        RetentionModule(check).run(result)
+    assert result.testsRun == len(checks) > 20
+    problems = [f"{case.id()}: {trace}" for case, trace in result.failures + result.errors]
+    assert not problems, "\n".join(problems)
