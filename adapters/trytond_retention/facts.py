@@ -4,7 +4,7 @@ The customer is the party: ``email:`` + its address when it has one, else
 ``tryton:PARTY_ID``; every event of a party with an address comes with the
 ``identify`` linking ``tryton:PARTY_ID`` to it, so the party's form finds its
 customer either way. An event's id is Tryton's own id of the fact, prefixed by its
-kind (``sale:12``, ``return:13``, ``complaint:4``, ``resolved:4``), so a sale
+kind (``sale:12``, ``return:13``, ``credit:7``, ``complaint:4``, ``resolved:4``), so a sale
 confirmed, processed and processed again is one purchase. Every event names its
 source, ``tryton``, embedded or posted to a server alike.
 """
@@ -57,6 +57,17 @@ def sale_events(sale: Any) -> list[dict[str, Any]]:
         event = {"id": f"sale:{sale.id}", "type": "purchase", **common,
                  "amount": total, "lines": len(lines), "skus": skus}
     return [*identify_party(sale.party), event]
+
+
+def credit_events(invoice: Any) -> list[dict[str, Any]]:
+    """A credit note posted (a customer invoice whose total is negative): a ``return``
+    of its amount."""
+    return [*identify_party(invoice.party), {
+        "id": f"credit:{invoice.id}", "type": "return",
+        "customer": customer_of(invoice.party), "at": now(), "source": PLATFORM,
+        "order_id": invoice.number or str(invoice.id),
+        "currency": invoice.currency.code if invoice.currency else None,
+        "amount": -float(invoice.total_amount)}]
 
 
 def complaint_events(complaint: Any) -> list[dict[str, Any]]:

@@ -52,11 +52,12 @@ def tryton(tmp_path_factory, request):
     # importing trytond sets the process's time zone to UTC: put it back afterwards
     before = {k: os.environ.get(k) for k in [*settings, "TZ"]}
     os.environ.update(settings)
+    from trytond.modules.account.tests.tools import create_chart
     from trytond.modules.company.tests.tools import create_company
     from trytond.tests.tools import activate_modules
 
     started = time.monotonic()
-    config = activate_modules(["retention"], create_company)
+    config = activate_modules(["retention"], create_company, create_chart)
     seconds = time.monotonic() - started
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
@@ -262,6 +263,30 @@ def test_return_sale_and_resolved_complaint(tryton):
     assert f"sale:{back.id}" not in events
     ledger = seen_at(cid, dt.datetime.now(dt.UTC)).retention_ledger
     assert "complaint_resolved (recovery)" in ledger and "returned (incident)" in ledger
+
+
+def test_a_credit_note_is_a_return(tryton):
+    from trytond.modules.account.tests.tools import create_fiscalyear, get_accounts
+    from trytond.modules.account_invoice.tests.tools import set_fiscalyear_invoice_sequences
+
+    fiscalyear = set_fiscalyear_invoice_sequences(create_fiscalyear())
+    fiscalyear.click("create_period")
+    fay = party("Fay", "fay@example.com")
+    confirmed_sale(fay, (1, "40"))
+    credit = model("account.invoice")(type="out", party=fay)
+    line = credit.lines.new()
+    line.account = get_accounts()["revenue"]
+    line.description = "Goodwill refund"
+    line.quantity = -1
+    line.unit_price = Decimal("15")
+    credit.click("post")
+    assert credit.state == "posted" and credit.total_amount == Decimal("-15.00")
+
+    events = {e["id"]: e for e in stored(tryton.engine_db, "tryton")}
+    refund = events[f"credit:{credit.id}"]
+    assert refund["type"] == "return" and refund["amount"] == 15.0
+    assert refund["customer"] == "email:fay@example.com"
+    assert refund["order_id"] == credit.number
 
 
 def test_a_party_without_email_is_its_tryton_id_until_it_has_one(tryton):
