@@ -7,7 +7,9 @@ Tryton's two-phase commit hook (as ``trytond.sendmail`` sends mail only after th
 commit): its ``tpc_finish`` runs after the commit only, never on a rollback, and
 posts the transaction's events to the engine. When the engine cannot take them (a
 remote server down), they stay ``pending`` and the cron ``Post Retention Events``
-tries again; nothing raised there reaches the sale. Events are idempotent by id in
+tries again; nothing raised there reaches the sale, and while events that failed
+wait for the cron, new ones are left to it too (no request waits for an engine that
+is down). Events are idempotent by id in
 the engine, so an event posted twice (a crash between posting and marking it) counts
 once.
 
@@ -140,8 +142,15 @@ class AfterCommit:
         # leaves them pending for the cron.
         try:
             with transaction.new_transaction() as posting:
-                Pool().get('retention.event').post_pending(self.ids)
-                posting.commit()
+                Event = Pool().get('retention.event')
+                # events that failed already: the engine is probably down, and the
+                # user is not kept waiting for it again; the cron takes them all
+                if not Event.search([
+                            ('state', '=', 'pending'),
+                            ('attempts', '>', 0),
+                            ], limit=1):
+                    Event.post_pending(self.ids)
+                    posting.commit()
         except Exception:
             logger.warning("retention: events left pending for the cron",
                            exc_info=True)
