@@ -59,9 +59,12 @@ def tryton(tmp_path_factory, request):
     started = time.monotonic()
     config = activate_modules(["retention"], create_company, create_chart)
     seconds = time.monotonic() - started
+    # said in the run's output (CI's log), past pytest's capture
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"tryton: database initialised in {seconds:.1f} s")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"tryton: database initialised in {seconds:.1f} s")
     yield SimpleNamespace(config=config, engine_db=Path(settings["TRYTOND_RETENTION__DB"]),
                           init_seconds=seconds)
 
