@@ -66,6 +66,7 @@ def tryton(tmp_path_factory, request):
         with capture.global_and_fixture_disabled():
             reporter.write_line(f"tryton: database initialised in {seconds:.1f} s")
     yield SimpleNamespace(config=config, engine_db=Path(settings["TRYTOND_RETENTION__DB"]),
+                          tryton_db=folder / f"{DB_NAME}.sqlite",
                           init_seconds=seconds)
 
     from trytond.modules.retention import engine
@@ -189,6 +190,19 @@ def test_scenario_sales_complaint_silence_rupture_delivered(tryton):
     assert f"sale:{rolled}" not in events
     assert not model("retention.event").find([("event_id", "=", f"sale:{rolled}")])
     assert all(e.state == "posted" for e in outbox(ann.id))
+    # confirmed, then processed by Tryton after the commit: one event all the same
+    assert first.state == "processing"
+    assert len(model("retention.event").find([("event_id", "=", f"sale:{first.id}")])) == 1
+
+    # posted again (as after a crash between posting and marking them posted): the
+    # engine counts each once
+    with sqlite3.connect(tryton.tryton_db) as conn:
+        conn.execute("UPDATE retention_event SET state = 'pending' WHERE party = ?",
+                     [ann.id])
+    conn.close()
+    run_cron("retention.event|post_pending", dt.datetime.now(dt.UTC))
+    assert all(e.state == "posted" for e in outbox(ann.id))
+    assert len(stored(tryton.engine_db, "tryton")) == len(events)
 
     # time passes: a month of grace, then a point a day, through watch (day 33) and
     # rupture (day 53), each delivered while fresh, as the crons do it
