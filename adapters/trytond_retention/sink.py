@@ -51,8 +51,14 @@ class TrytonSink:
 
     def deliver(self, delivery: Delivery) -> None:
         if self.database is None:
-            self._deliver(delivery)
-            Transaction().commit()
+            transaction = Transaction()
+            try:
+                self._deliver(delivery)
+            except BaseException:
+                # nothing half-written goes out with the next decision's commit
+                transaction.rollback()
+                raise
+            transaction.commit()
             return
         with Transaction().start(self.database, 0, context={'_skip_warnings': True}):
             self._deliver(delivery)

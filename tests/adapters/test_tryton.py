@@ -306,6 +306,24 @@ def test_a_credit_note_is_a_return(tryton):
     assert refund["order_id"] == credit.number
 
 
+def test_a_customer_who_is_no_party_fails_for_good(tryton):
+    # another platform's customer, in the same engine: nothing of theirs is in Tryton
+    now = dt.datetime.now(dt.UTC)
+    with StoredEngine(tryton.engine_db) as engine:
+        engine.ingest([{"id": "order:9001", "customer": "email:zed@example.com",
+                        "type": "purchase", "at": (now - dt.timedelta(days=35)).isoformat(),
+                        "amount": 20}], source="shopify")
+    later = now + dt.timedelta(days=10)  # silence crossed watch three days before
+    run_cron("retention.engine|tick", later)
+    run_cron("retention.engine|deliver", later)
+    with StoredEngine(tryton.engine_db) as engine:
+        decision, = engine.decisions("email:zed@example.com")
+        failed = engine.db.execute("SELECT status, reason, next_try FROM decisions"
+                                   " WHERE id = ?", [decision.id]).fetchone()
+    assert failed[0] == "failed" and "is no Tryton party" in failed[1]
+    assert failed[2] is None  # never tried again
+
+
 def test_a_party_without_email_is_its_tryton_id_until_it_has_one(tryton):
     dan = party("Dan")
     confirmed_sale(dan, (1, "8"))
