@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from retention_adapters.common import alias, customer, email_of, identify, text
+from retention_adapters.common import alias, customer, identify, text
 
 PLATFORM = "tryton"
 #: the most SKUs kept from one sale
@@ -87,7 +87,3 @@ def resolved_events(complaint: Any) -> list[dict[str, Any]]:
     return [{"id": f"resolved:{complaint.id}", "type": "ticket_resolved",
              "customer": customer_of(complaint.customer), "at": now(),
              "source": PLATFORM, "ticket_id": str(complaint.id)}]
-
-
-def usable_email(value: Any) -> str | None:
-    return email_of(value)

@@ -18,6 +18,7 @@ import logging
 
 from sql import Literal
 from sql.conditionals import Case
+from trytond.exceptions import UserError
 from trytond.model import fields
 from trytond.pool import Pool, PoolMeta
 
@@ -83,7 +84,12 @@ class Party(metaclass=PoolMeta):
     def retention_ranks(cls) -> dict[int, int]:
         """Party id -> place among the customers at risk now (1: most urgent)."""
         ranks: dict[int, int] = {}
-        for place, row in enumerate(engine.at_risk(now_or_context()), 1):
+        try:
+            rows = engine.at_risk(now_or_context())
+        except RetentionError as exc:
+            # a remote engine, or none configured: the user is told why, in one line
+            raise UserError(str(exc)) from None
+        for place, row in enumerate(rows, 1):
             for name in row['identifiers']:
                 scheme, _, value = name.partition(':')
                 if scheme == facts.PLATFORM and value.isdigit():

@@ -371,6 +371,11 @@ def test_an_engine_down_never_blocks_a_sale_and_is_retried(tryton, start, db):
         shown = seen_at(eve, moment)
         assert shown.retention_capital == profile.body["capital"] == 72.0
 
+        # the parties at risk need the embedded engine: the user is told so
+        from trytond.exceptions import UserError
+        with pytest.raises(UserError, match="embedded engine"):
+            model("party.party").find([("retention_rank", "!=", None)])
+
         # a wrong secret is refused by the server: the events stay pending
         config.set("retention", "secret", "another-secret")
         late = confirmed_sale(eve, (1, "5"))
