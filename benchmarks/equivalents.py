@@ -91,6 +91,31 @@ EQUIVALENT: list[Equivalent] = [
     Equivalent(CAPITAL, "silence_due", "silence.rate_per_day <= 0", "<= -> <",
                "a rate of 0 drains 0 either way"),
     Equivalent(CAPITAL, "silence_due", "if idle > 0 else 0.0", "> -> >=", _BOUNDARY),
+    # settle: the licence owes at most up_to - B, and the loader keeps up_to within
+    # [min, max], so B + owed is within the bounds already
+    Equivalent(CAPITAL, "settle", "clamp(old + owed, low, high)", "*",
+               "B + owed <= up_to <= max: the clamp cannot bite"),
+    Equivalent(CAPITAL, "settle", "if keep > 0:", "> -> >=",
+               "a keep of 0 pays 0 points in either way"),
+    # _licence_steps gives the cuts of level_transitions' pieces: one cut too many
+    # (room overestimated, a step past the end) splits a piece where capital does not
+    # jump, and both halves are concave; only a missing cut changes an answer (killed
+    # by the case of a step of under a point)
+    Equivalent(CAPITAL, "_licence_steps", "room = licence.up_to - state.balance - owed",
+               "- -> +", "more room only adds cuts, which change no answer"),
+    Equivalent(CAPITAL, "_licence_steps", "while room > 0:", "> -> >=",
+               "more room only adds cuts, which change no answer"),
+    Equivalent(CAPITAL, "_licence_steps", "break", "*",
+               "steps past the end are cut off by the caller"),
+    Equivalent(CAPITAL, "_licence_steps", "room -= licence.points", "*",
+               "more room only adds cuts, which change no answer"),
+    # _crossing compares with a threshold the tie tolerance already shifted: capital
+    # exactly on the shifted threshold is a float coincidence (the 1-millisecond tie
+    # the reference comparison accepts, docs/concepts.md, "Ties at thresholds")
+    Equivalent(CAPITAL, "_crossing", "return v < level if falling else v >= level",
+               "< -> <=", "differs only exactly on the tie-shifted threshold"),
+    Equivalent(CAPITAL, "_crossing", "return v < level if falling else v >= level",
+               ">= -> >", "differs only exactly on the tie-shifted threshold"),
 ]
 
 
