@@ -116,6 +116,16 @@ EQUIVALENT: list[Equivalent] = [
                "< -> <=", "differs only exactly on the tie-shifted threshold"),
     Equivalent(CAPITAL, "_crossing", "return v < level if falling else v >= level",
                ">= -> >", "differs only exactly on the tie-shifted threshold"),
+    # the chord of _crossing: where to probe next; any probe in the bracket keeps the
+    # answer (a probe outside it, on the safe side, is still a point not crossed)
+    Equivalent(CAPITAL, "_crossing", "if use_chord and v_lo != v_hi:", "!= -> ==",
+               "speed only: plain bisection instead of the chord"),
+    Equivalent(CAPITAL, "_crossing", "m = min(max(math.floor(guess), lo + 1), hi - 1)", "*",
+               "speed only: another probe, the same answer"),
+    Equivalent(CAPITAL, "_crossing", "if m + 1 < hi:", "*",
+               "speed only: the neighbour probed or not, the same answer"),
+    Equivalent(CAPITAL, "_crossing", "use_chord = (hi - lo) * 2 <= width", "*",
+               "speed only: when to fall back to bisection"),
 ]
 
 
