@@ -27,8 +27,8 @@ from retention.signing import SignatureError
 from retention.webevents import BodyError, Ignored, loads
 
 __all__ = ["BodyError", "Ignored", "SignatureError", "alias", "amount", "body_object",
-           "customer", "email_of", "field", "hmac_base64", "identify", "instant", "same",
-           "signed_recently", "text"]
+           "customer", "decision_text", "email_of", "field", "hmac_base64", "identify",
+           "instant", "same", "signed_recently", "text"]
 
 #: the longest text kept from a platform's free text (a ticket's description...)
 MAX_TEXT = 4000
@@ -197,3 +197,19 @@ def _kind_names(kind: type | tuple[type, ...]) -> str:
     names = {dict: "an object", list: "a list", str: "text", int: "a number",
              float: "a number", bool: "true or false"}
     return " or ".join(dict.fromkeys(names.get(k, k.__name__) for k in _kinds(kind)))
+
+
+# -- sinks --------------------------------------------------------------------------------
+
+def decision_text(delivery: Any) -> str:
+    """What a task or ticket made for a decision says: the action, the customer, why and
+    when, its parameters, and the decision id (the idempotency key, for a person
+    reading it)."""
+    decision = delivery.decision
+    lines = [f"The retention engine decided {decision.action} for customer "
+             f"{decision.customer} ({decision.rule}, {decision.at.isoformat()})."]
+    if decision.params:
+        lines.append("Parameters: " + ", ".join(f"{k}={v}" for k, v in
+                                                sorted(decision.params.items())))
+    lines.append(f"Decision {delivery.key}")
+    return "\n".join(lines)

@@ -53,6 +53,7 @@ from .common import (
     alias,
     amount,
     body_object,
+    decision_text,
     email_of,
     field,
     hmac_base64,
@@ -271,7 +272,7 @@ class HubSpotSink:
         decision = delivery.decision
         properties = {
             "hs_task_subject": f"Retention: {decision.action} ({decision.rule})",
-            "hs_task_body": _task_body(delivery),
+            "hs_task_body": decision_text(delivery),
             "hs_timestamp": decision.at.isoformat(),
             "hs_task_status": "NOT_STARTED",
             "hs_task_priority": "HIGH",
@@ -283,17 +284,6 @@ class HubSpotSink:
             "associations": [{"to": {"id": contact}, "types": [{
                 "associationCategory": "HUBSPOT_DEFINED",
                 "associationTypeId": TASK_TO_CONTACT}]}]})
-
-
-def _task_body(delivery: Delivery) -> str:
-    decision = delivery.decision
-    lines = [f"The retention engine decided {decision.action} for customer "
-             f"{decision.customer} ({decision.rule}, {decision.at.isoformat()})."]
-    if decision.params:
-        lines.append("Parameters: " + ", ".join(f"{k}={v}" for k, v in
-                                                sorted(decision.params.items())))
-    lines.append(f"Decision {delivery.key}")
-    return "\n".join(lines)
 
 
 @retention.hookimpl

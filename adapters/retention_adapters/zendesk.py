@@ -54,6 +54,7 @@ from .common import (
     alias,
     body_object,
     customer,
+    decision_text,
     email_of,
     field,
     hmac_base64,
@@ -215,7 +216,7 @@ class ZendeskSink:
         decision = delivery.decision
         ticket: dict[str, Any] = {
             "subject": f"Retention: {decision.action} for {decision.customer}"[:150],
-            "comment": {"body": _ticket_body(delivery), "public": False},
+            "comment": {"body": decision_text(delivery), "public": False},
             "external_id": delivery.key, "priority": self.priority,
             "tags": ["retention", _tag(decision.rule)]}
         address = email_of(delivery.identifier("email"))
@@ -236,17 +237,6 @@ class ZendeskSink:
 def _tag(name: str) -> str:
     """A Zendesk tag: no spaces."""
     return "retention_" + "".join(c if c.isalnum() else "_" for c in name.lower())[:60]
-
-
-def _ticket_body(delivery: Delivery) -> str:
-    decision = delivery.decision
-    lines = [f"The retention engine decided {decision.action} for customer "
-             f"{decision.customer} ({decision.rule}, {decision.at.isoformat()})."]
-    if decision.params:
-        lines.append("Parameters: " + ", ".join(f"{k}={v}" for k, v in
-                                                sorted(decision.params.items())))
-    lines.append(f"Decision {delivery.key}")
-    return "\n".join(lines)
 
 
 @retention.hookimpl
