@@ -26,6 +26,15 @@ def party_alias(party: Any) -> str:
     return alias(PLATFORM, party.id)
 
 
+def party_id(identifier: str) -> int | None:
+    """The party an engine identifier names (``tryton:12`` is 12), or None. Digits
+    are ASCII: ``int()`` would read other scripts' digits as another party's id."""
+    scheme, _, value = identifier.partition(":")
+    if scheme == PLATFORM and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
 def customer_of(party: Any) -> str:
     return customer(PLATFORM, party.email, party.id)
 

@@ -91,9 +91,9 @@ class Party(metaclass=PoolMeta):
             raise UserError(str(exc)) from None
         for place, row in enumerate(rows, 1):
             for name in row['identifiers']:
-                scheme, _, value = name.partition(':')
-                if scheme == facts.PLATFORM and value.isdigit():
-                    ranks.setdefault(int(value), place)
+                party = facts.party_id(name)
+                if party is not None:
+                    ranks.setdefault(party, place)
         return ranks
 
     @classmethod

@@ -75,11 +75,9 @@ class TrytonSink:
 def party_of(delivery: Delivery) -> Any:
     Party = Pool().get('party.party')
     for name in delivery.identifiers:
-        scheme, _, value = name.partition(":")
-        if scheme == facts.PLATFORM and value.isdigit():
-            parties = Party.search([('id', '=', int(value))])
-            if parties:
-                return parties[0]
+        party = facts.party_id(name)
+        if party is not None and (parties := Party.search([('id', '=', party)])):
+            return parties[0]
     raise DeliveryError(f"customer {delivery.decision.customer} is no Tryton party",
                         permanent=True)
 
